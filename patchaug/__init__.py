@@ -1,0 +1,32 @@
+"""patchaug: building blocks for patch-wise self-supervised learning.
+
+- :func:`match_patches`: which tokens of two crops show the same source pixels.
+- :class:`RandomResizedCropWithBox` / :func:`batched_random_resized_crop`: crops
+  that report their boxes and flips.
+- :func:`draw_matches`: a picture of two views and their matched patches.
+"""
+
+from .crops import (
+    BatchedRandomResizedCrop,
+    RandomResizedCropWithBox,
+    batched_random_resized_crop,
+    resized_crop_boxes,
+    sample_crop_boxes,
+)
+from .matching import RULES, PatchMatch, match_patches, patch_centres
+from .visualize import draw_matches
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RULES",
+    "BatchedRandomResizedCrop",
+    "PatchMatch",
+    "RandomResizedCropWithBox",
+    "batched_random_resized_crop",
+    "draw_matches",
+    "match_patches",
+    "patch_centres",
+    "resized_crop_boxes",
+    "sample_crop_boxes",
+]

@@ -1,0 +1,1 @@
+"""pwself_reference: DINO and PW-Self pretraining and evaluation on top of patchaug."""
