@@ -9,6 +9,7 @@ settings.register_profile(
     "ci",
     max_examples=60,
     derandomize=True,
+    database=None,  # the same examples on every machine, whatever ran before
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
