@@ -191,7 +191,10 @@ def _subsample(i, n_big, n_small, official: bool):
         step = (n_big - 1).to(torch.float64) / (n_small - 1).clamp(min=1).to(torch.float64)
         value = torch.floor(i.to(torch.float64) * step).to(torch.int64)
         return torch.where((i == n_small - 1) & (n_small > 1), n_big - 1, value)
-    return torch.div(i * (n_big - 1), (n_small - 1).clamp(min=1), rounding_mode="floor")
+    # floor of a quotient of small integers: exact in float64 (a non-integer quotient is at
+    # least 1 / (n_small - 1) away from the next integer), and cheaper than integer division
+    num = (i * (n_big - 1)).to(torch.float64)
+    return torch.floor(num / (n_small - 1).clamp(min=1)).to(torch.int64)
 
 
 def _centre_index(src_lo, src_hi, n_src, dst_lo, dst_hi, n_dst, k):
@@ -247,7 +250,7 @@ def _slot_tables(max_rows: int, max_cols: int, cls: bool, device: torch.device):
     """Where each output slot reads its token, for every ``(n_rows, n_cols)``.
 
     Returns ``where`` (int64) and ``valid`` (bool) tables of shape
-    ``(max_rows + 1, max_cols + 1, M)``: ``where`` indexes a flattened
+    ``((max_rows + 1) * (max_cols + 1), M)``, row ``n_rows * (max_cols + 1) + n_cols``: ``where`` indexes a flattened
     ``(max_rows + 1, max_cols + 1)`` token grid whose entry ``[0, 0]`` is a sentinel
     holding token 0. The CLS slot and the empty slots read the sentinel, so a single
     gather gives the padded output with no masking pass.
@@ -261,7 +264,8 @@ def _slot_tables(max_rows: int, max_cols: int, cls: bool, device: torch.device):
     if cls:
         where = F.pad(where, (1, 0))
         valid = F.pad(valid, (1, 0), value=True)
-    return where, valid
+    # flat over (n_rows, n_cols) for a cheap index_select
+    return where.flatten(0, 1), valid.flatten(0, 1)
 
 
 # --------------------------------------------------------------------------- public API
@@ -352,8 +356,9 @@ def match_patches(
     col_tok = F.pad(col_tok, (1, 0))
     grid = (row_tok.unsqueeze(-1) + col_tok.unsqueeze(-2)).flatten(-2)  # [0, 0] holds 0
     tab_where, tab_valid = _slot_tables(max_rows, max_cols, cls, dev)
-    n_cols, n_rows = n_small[..., 0], n_small[..., 1]
-    at, valid = tab_where[n_rows, n_cols], tab_valid[n_rows, n_cols]
+    key = (n_small[..., 1] * (max_cols + 1) + n_small[..., 0]).flatten()  # n_rows, n_cols
+    at = tab_where.index_select(0, key).view(*batch, -1)
+    valid = tab_valid.index_select(0, key).view(*batch, -1)
     idx = grid.gather(-1, at.unsqueeze(-2).expand(*batch, 2, at.shape[-1]))
     return PatchMatch(idx_a=idx[..., 0, :], idx_b=idx[..., 1, :], valid=valid)
 
