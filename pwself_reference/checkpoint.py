@@ -1,0 +1,166 @@
+"""Checkpoints made of tensors and plain data only, written atomically.
+
+A checkpoint is a ``dict`` with (at least) ``"config"`` (a JSON-able dict with
+``arch``, ``patch_size``, ``global_crop_size``, ...), ``"student"`` and
+``"teacher"`` (state dicts of a module with submodules ``backbone`` and
+``head``), ``"epoch"`` and ``"step"``; the trainer adds the optimizer state,
+the loss centre and the RNG states (as tensors). Nothing in it needs pickle, so
+it is always opened with ``torch.load(..., weights_only=True)``: loading a
+checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_backbone"]
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` to ``path`` atomically.
+
+    The data goes to a temporary file in the same directory, is flushed and
+    fsync'ed, then renamed over ``path`` with :func:`os.replace`; a reader (or a
+    crash) never sees a half-written checkpoint.
+
+    Parameters
+    ----------
+    obj : dict
+        Tensors, numbers, strings, lists, tuples, dicts and ``None`` only.
+    path : str or PathLike
+        Destination file; its directory is created if needed.
+
+    Returns
+    -------
+    Path
+        The path written.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> d = tempfile.mkdtemp()
+    >>> p = save_checkpoint({"w": torch.ones(2), "epoch": 3}, d + "/ck.pth")
+    >>> load_checkpoint(p)["epoch"]
+    3
+    """
+    if not isinstance(obj, dict):
+        raise TypeError(f"obj must be a dict, got {type(obj).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (best effort; not possible on every OS)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` (no code runs).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A file written by :func:`save_checkpoint`.
+    map_location : str or torch.device
+        Where tensors are loaded.
+
+    Returns
+    -------
+    dict
+        The checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a checkpoint dict (got {type(obj).__name__})")
+    return obj
+
+
+def load_backbone(
+    path: str | os.PathLike[str],
+    which: str = "teacher",
+    map_location: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the pretrained backbone of a checkpoint.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A training checkpoint (``checkpoint.pth`` or ``final.pth``).
+    which : {"teacher", "student"}
+        Which network's backbone to load (DINO evaluates the teacher).
+    map_location : str or torch.device
+        Where the weights are loaded.
+
+    Returns
+    -------
+    backbone : nn.Module
+        The timm ViT with the trained weights, in eval mode.
+    config : dict
+        The run's resolved configuration.
+
+    Examples
+    --------
+    >>> backbone, config = load_backbone("runs/pwself/final.pth")  # doctest: +SKIP
+    >>> config["arch"], config["patch_size"]  # doctest: +SKIP
+    ('vit_tiny', 4)
+    """
+    from pwself_reference.models import build_backbone
+
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    ckpt = load_checkpoint(path, map_location=map_location)
+    for key in ("config", which):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {path} has no {key!r} entry")
+    config = dict(ckpt["config"])
+    backbone = build_backbone(
+        config["arch"],
+        int(config["patch_size"]),
+        int(config["global_crop_size"]),
+        **_backbone_overrides(config),
+    )
+    prefix = "backbone."
+    state = {k[len(prefix):]: v for k, v in ckpt[which].items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"checkpoint {path}: {which!r} holds no 'backbone.' weights")
+    backbone.load_state_dict(state, strict=True)
+    backbone.to(map_location).eval()
+    return backbone, config
+
+
+def _backbone_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """Optional architecture overrides (depth, width, heads) recorded in the config."""
+    out: dict[str, Any] = {}
+    for key in ("depth", "embed_dim", "num_heads"):
+        value = config.get(key)
+        if value is not None:
+            out[key] = int(value)
+    return out

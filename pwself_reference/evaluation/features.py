@@ -1,0 +1,292 @@
+"""Frozen-backbone features for the evaluations (k-NN, linear probe, copy detection, retrieval).
+
+Every function here runs the backbone under ``torch.no_grad()`` and in eval
+mode (the previous mode is restored afterwards). Features are those DINO uses:
+
+* ``cls`` (default): the CLS token of the last block after the final norm;
+* ``n_last_blocks=n``: the CLS tokens of the last ``n`` blocks (each after the
+  final norm, as DINO's ``get_intermediate_layers``), concatenated, optionally
+  followed by the average of the last block's patch tokens;
+* ``gem_p=p``: CLS concatenated with the generalised mean (GeM, power ``p``) of
+  the clamped (``>= 1e-6``) patch tokens of the last block (copy detection);
+* ``multiscale=True``: CLS averaged over the image at scales 1, 1/sqrt(2), 1/2,
+  then L2-normalised (retrieval).
+
+Inputs whose height or width is not a multiple of the patch size are cropped at
+the bottom/right to the largest multiple, which is what a stride-``p``
+patch-embedding convolution does in DINO's own ViT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "to_normalized_tensor",
+    "eval_transform",
+    "crop_to_patch_multiple",
+    "backbone_features",
+    "extract_features",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MULTISCALE = (1.0, 1.0 / math.sqrt(2.0), 0.5)
+
+
+def to_normalized_tensor(img: Any) -> torch.Tensor:
+    """PIL image -> ``(3, H, W)`` float tensor normalised with the ImageNet mean/std."""
+    from torchvision.transforms import functional as TF
+
+    t = TF.to_tensor(img.convert("RGB") if hasattr(img, "convert") else img)
+    return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def eval_transform(img_size: int, resize_ratio: float = 256 / 224) -> Any:
+    """DINO's evaluation transform: resize the short side, centre crop, normalise.
+
+    Parameters
+    ----------
+    img_size : int
+        Side of the centre crop (224 for ImageNet; the training ``global_crop_size``).
+    resize_ratio : float
+        Short side before cropping is ``round(img_size * resize_ratio)``; DINO
+        uses 256/224. ``1.0`` keeps the whole (square) image.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> eval_transform(32)(Image.new("RGB", (40, 50))).shape
+    torch.Size([3, 32, 32])
+    """
+    from torchvision import transforms as T
+
+    if not isinstance(img_size, int) or img_size <= 0:
+        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    if not resize_ratio >= 1.0:
+        raise ValueError(f"resize_ratio must be >= 1, got {resize_ratio!r}")
+    return T.Compose(
+        [
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.Resize(int(round(img_size * resize_ratio)), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def _patch_hw(backbone: nn.Module) -> tuple[int, int]:
+    pe = getattr(backbone, "patch_embed", None)
+    ps = getattr(pe, "patch_size", None)
+    if ps is None:
+        return (1, 1)
+    if isinstance(ps, int):
+        return (ps, ps)
+    return (int(ps[0]), int(ps[1]))
+
+
+def crop_to_patch_multiple(images: torch.Tensor, patch: int | Sequence[int]) -> torch.Tensor:
+    """Drop bottom rows / right columns so ``H`` and ``W`` are multiples of ``patch``.
+
+    Examples
+    --------
+    >>> crop_to_patch_multiple(torch.zeros(1, 3, 35, 50), 16).shape
+    torch.Size([1, 3, 32, 48])
+    """
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    h, w = images.shape[-2] // ph * ph, images.shape[-1] // pw * pw
+    if h == 0 or w == 0:
+        raise ValueError(
+            f"images of size {tuple(images.shape[-2:])} are smaller than one patch {(ph, pw)}"
+        )
+    return images[..., :h, :w]
+
+
+def _tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    from pwself_reference.models import backbone_tokens
+
+    return backbone_tokens(backbone, crop_to_patch_multiple(images, _patch_hw(backbone)))
+
+
+def backbone_features(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    n_last_blocks: int = 1,
+    avgpool_patchtokens: bool = False,
+    gem_p: float | None = None,
+    multiscale: bool = False,
+) -> torch.Tensor:
+    """Features of one batch (no grad; the caller sets eval mode).
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        A timm ViT (see :func:`pwself_reference.models.build_backbone`).
+    images : Tensor, shape ``(B, 3, H, W)``
+    n_last_blocks : int
+        Concatenate the CLS token of this many last blocks.
+    avgpool_patchtokens : bool
+        Append the mean of the last block's patch tokens.
+    gem_p : float or None
+        If given, return CLS concatenated with GeM(p) of the patch tokens.
+    multiscale : bool
+        Average the CLS over three scales and L2-normalise (retrieval).
+
+    Returns
+    -------
+    Tensor, shape ``(B, D')``
+        ``D' = D * (n_last_blocks + avgpool_patchtokens)``, or ``2 D`` with ``gem_p``.
+
+    Examples
+    --------
+    >>> from pwself_reference.models import build_backbone
+    >>> net = build_backbone("vit_tiny", patch_size=8, img_size=32).eval()
+    >>> backbone_features(net, torch.zeros(2, 3, 32, 32), n_last_blocks=4).shape
+    torch.Size([2, 768])
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if not isinstance(n_last_blocks, int) or n_last_blocks < 1:
+        raise ValueError(f"n_last_blocks must be a positive int, got {n_last_blocks!r}")
+    exclusive = (n_last_blocks > 1 or avgpool_patchtokens) + (gem_p is not None) + bool(multiscale)
+    if exclusive > 1:
+        raise ValueError("choose one of n_last_blocks/avgpool_patchtokens, gem_p or multiscale")
+    with torch.no_grad():
+        if multiscale:
+            total = None
+            for s in MULTISCALE:
+                x = images if s == 1.0 else F.interpolate(
+                    images, scale_factor=s, mode="bilinear", align_corners=False
+                )
+                cls = _tokens(backbone, x)[:, 0]
+                total = cls if total is None else total + cls
+            return F.normalize(total / len(MULTISCALE), dim=1)
+        if gem_p is not None:
+            if not gem_p > 0:
+                raise ValueError(f"gem_p must be positive, got {gem_p!r}")
+            tokens = _tokens(backbone, images)
+            patches = tokens[:, 1:].clamp(min=1e-6).pow(gem_p).mean(dim=1).pow(1.0 / gem_p)
+            return torch.cat([tokens[:, 0], patches], dim=1)
+        if n_last_blocks == 1:
+            tokens = _tokens(backbone, images)
+            parts = [tokens[:, 0]]
+            if avgpool_patchtokens:
+                parts.append(tokens[:, 1:].mean(dim=1))
+            return torch.cat(parts, dim=1)
+        if not hasattr(backbone, "forward_intermediates"):
+            raise TypeError("n_last_blocks > 1 needs a timm ViT with forward_intermediates")
+        depth = len(backbone.blocks)
+        if n_last_blocks > depth:
+            raise ValueError(f"n_last_blocks={n_last_blocks} exceeds the backbone depth {depth}")
+        x = crop_to_patch_multiple(images, _patch_hw(backbone))
+        outs = backbone.forward_intermediates(
+            x,
+            indices=n_last_blocks,
+            return_prefix_tokens=True,
+            norm=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        parts = [prefix[:, 0] for _, prefix in outs]
+        if avgpool_patchtokens:
+            parts.append(outs[-1][0].mean(dim=1))
+        return torch.cat(parts, dim=1)
+
+
+def _to_label_tensor(labels: Any, n: int) -> torch.Tensor:
+    t = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+    t = t.reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"a batch holds {n} images but {t.numel()} labels")
+    return t.cpu()
+
+
+def extract_features(
+    backbone: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, Any]],
+    device: str | torch.device | None = None,
+    *,
+    n_last_blocks: int = 1,
+    avgpool_patchtokens: bool = False,
+    gem_p: float | None = None,
+    multiscale: bool = False,
+    storage_device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every image of a loader, in loader order.
+
+    The backbone runs batch by batch, without gradients and in eval mode (its
+    previous ``training`` flag is restored on return).
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        A timm ViT.
+    loader : iterable of ``(images, labels)``
+        ``images`` is ``(B, 3, H, W)``; ``labels`` anything convertible to a
+        ``(B,)`` tensor (class ids, or indices for retrieval).
+    device : str, torch.device or None
+        Where the backbone runs (it is moved there); ``None`` uses the device
+        of its parameters.
+    n_last_blocks, avgpool_patchtokens, gem_p, multiscale
+        Which feature, see :func:`backbone_features` (default: last CLS).
+    storage_device : str or torch.device
+        Where the returned tensors live.
+
+    Returns
+    -------
+    features : Tensor, shape ``(N, D')``, float32
+    labels : Tensor, shape ``(N,)``
+
+    Examples
+    --------
+    >>> from pwself_reference.models import build_backbone
+    >>> net = build_backbone("vit_tiny", patch_size=8, img_size=32)
+    >>> batches = [(torch.rand(4, 3, 32, 32), torch.arange(4))] * 2
+    >>> feats, labels = extract_features(net, batches)
+    >>> feats.shape, labels.tolist()
+    (torch.Size([8, 192]), [0, 1, 2, 3, 0, 1, 2, 3])
+    """
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    if device is None:
+        try:
+            device = next(backbone.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    backbone.to(device)
+    was_training = backbone.training
+    backbone.eval()
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    try:
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError("loader must yield (images, labels) pairs")
+            images, target = batch[0], batch[1]
+            if not isinstance(images, torch.Tensor):
+                raise TypeError(f"loader images must be tensors, got {type(images).__name__}")
+            out = backbone_features(
+                backbone,
+                images.to(device, non_blocking=True),
+                n_last_blocks=n_last_blocks,
+                avgpool_patchtokens=avgpool_patchtokens,
+                gem_p=gem_p,
+                multiscale=multiscale,
+            )
+            feats.append(out.float().to(storage_device))
+            labels.append(_to_label_tensor(target, images.shape[0]).to(storage_device))
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        raise ValueError("the loader yielded no images")
+    return torch.cat(feats), torch.cat(labels)
