@@ -308,8 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Examples
     --------
-    >>> main(["knn", "--checkpoint", "runs/pwself/final.pth"])  # doctest: +SKIP
-    10-NN classifier result: Top1: ...
+    Needs a checkpoint written by ``train.py``::
+
+        main(["knn", "--checkpoint", "runs/pwself/final.pth"])
     """
     parser = build_parser()
     args = parser.parse_args(argv)

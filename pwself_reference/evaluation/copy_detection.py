@@ -254,9 +254,11 @@ def evaluate_copy_detection(
 
     Examples
     --------
-    >>> from pwself_reference.models import build_backbone
-    >>> net = build_backbone("vit_tiny", patch_size=16, img_size=224)
-    >>> evaluate_copy_detection(net, "copydays/")["strong_mAP"]  # doctest: +SKIP
+    Needs the Copydays images on disk::
+
+        from pwself_reference.models import build_backbone
+        net = build_backbone("vit_tiny", patch_size=16, img_size=224)
+        evaluate_copy_detection(net, "copydays/")["strong_mAP"]
     """
     bench = CopydaysBenchmark.from_directory(root, blocks)
     args = (imsize, batch_size, device, num_workers, gem_p)

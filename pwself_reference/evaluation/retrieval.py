@@ -296,9 +296,10 @@ def load_gnd(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Examples
     --------
-    >>> cfg = load_gnd("data/roxford5k/gnd_roxford5k.pkl")  # doctest: +SKIP
-    >>> len(cfg["imlist"]), len(cfg["qimlist"])  # doctest: +SKIP
-    (4993, 70)
+    Needs the revisitop ground truth file::
+
+        cfg = load_gnd("data/roxford5k/gnd_roxford5k.pkl")
+        len(cfg["imlist"]), len(cfg["qimlist"])  # (4993, 70)
     """
     path = Path(path)
     if not path.is_file():
