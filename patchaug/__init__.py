@@ -3,6 +3,8 @@
 - :func:`match_patches`: which tokens of two crops show the same source pixels.
 - :class:`RandomResizedCropWithBox` / :func:`batched_random_resized_crop`: crops
   that report their boxes and flips.
+- :class:`PatchJitter`: per-patch photometric augmentation in one batched pass
+  (functional core in :mod:`patchaug.patch_ops`).
 - :func:`draw_matches`: a picture of two views and their matched patches.
 """
 
@@ -14,13 +16,17 @@ from .crops import (
     sample_crop_boxes,
 )
 from .matching import RULES, PatchMatch, match_patches, patch_centres
+from .patch_jitter import OPERATORS, PatchJitter, PatchJitterParams
 from .visualize import draw_matches
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "OPERATORS",
     "RULES",
     "BatchedRandomResizedCrop",
+    "PatchJitter",
+    "PatchJitterParams",
     "PatchMatch",
     "RandomResizedCropWithBox",
     "batched_random_resized_crop",

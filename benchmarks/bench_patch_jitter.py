@@ -1,0 +1,561 @@
+"""Benchmark PatchJitter against Kornia's PatchSequential, a per-patch loop and Kornia's ops.
+
+Writes ``benchmarks/results/patch_jitter.json`` and ``benchmarks/results/patch_jitter.md``
+(and ``patch_jitter_table.rst``, which the docs page includes).
+
+CPU part (always, ``torch.set_num_threads(2)``), B = 32 images of 3 x 224 x 224, patch 16:
+
+* ``PatchJitter.paper(16)`` eager, and under ``torch.compile`` (compiled in a subprocess with a
+  time limit; a failure or time-out is recorded as such);
+* Kornia ``PatchSequential(ColorJiggle, RandomSolarize, RandomGaussianBlur, RandomGaussianNoise,
+  grid_size=(14, 14), patchwise_apply=False)`` with the preset's probabilities and ranges
+  (Kornia's noise has one fixed std: the middle of the preset's range), and the same with
+  ``ColorJitter``, whose colour definitions are the ones PatchJitter uses;
+* a plain Python loop over the 6272 patches applying Kornia's functional ops one patch at a
+  time (run once, it is slow);
+* every operator alone on the ``(B * N, C, p, p)`` = (6272, 3, 16, 16) patch batch, all
+  patches, against Kornia's functional op with per-patch parameters.
+
+GPU part (only when CUDA is available): B = 256 at 224, images/s and the fraction of the
+memory roofline, ``2 * B * 3 * 224 * 224 * itemsize`` bytes (image read and written once) over
+the time, against the device-to-device copy bandwidth measured on the same GPU.
+
+Run: ``PYTHONPATH=. python benchmarks/bench_patch_jitter.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import kornia  # noqa: E402
+import kornia.augmentation as K  # noqa: E402
+
+from patchaug import patch_ops  # noqa: E402
+from patchaug.patch_jitter import PatchJitter  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 2
+BATCH, SIZE, PATCH = 32, 224, 16
+
+
+def timeit(fn: Any, repeats: int, warmup: int = 2, sync: Any = None) -> dict[str, float]:
+    """Median and min wall time in seconds over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "min_s": times[0], "repeats": repeats}
+
+
+def timeit_interleaved(
+    fns: dict[str, Any], repeats: int, warmup: int = 1, sync: Any = None
+) -> dict[str, dict[str, Any]]:
+    """Time several callables round-robin, so that a change of machine load hits all alike.
+
+    Returns per name the median and min wall time and the list of per-round times.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, ts in times.items():
+        srt = sorted(ts)
+        out[name] = {"median_s": srt[len(srt) // 2], "min_s": srt[0], "times_s": ts}
+    return out
+
+
+def paired_ratio(slow: dict[str, Any], fast: dict[str, Any]) -> float:
+    """Median over rounds of slow / fast, both timed in the same round."""
+    ratios = sorted(a / b for a, b in zip(slow["times_s"], fast["times_s"]))
+    return ratios[len(ratios) // 2]
+
+
+def kornia_patch_sequential(jitter: PatchJitter, colour: str) -> torch.nn.Module:
+    r = jitter.ranges
+    pr = jitter.probs
+    colour_cls = K.ColorJiggle if colour == "ColorJiggle" else K.ColorJitter
+    sigma_lo, sigma_hi = r["blur"]
+    std = sum(r["noise"]) / 2
+    return K.PatchSequential(
+        colour_cls(r["brightness"], r["contrast"], r["saturation"], r["hue"], p=pr["hue"]),
+        K.RandomSolarize(thresholds=0.0, additions=0.0, p=pr["solarize"]),
+        K.RandomGaussianBlur(jitter.blur_kernel_size, (sigma_lo, sigma_hi), p=pr["blur"]),
+        K.RandomGaussianNoise(mean=0.0, std=std, p=pr["noise"]),
+        grid_size=(SIZE // PATCH, SIZE // PATCH),
+        patchwise_apply=False,
+    )
+
+
+def per_patch_loop(
+    images: torch.Tensor, jitter: PatchJitter, generator: torch.Generator
+) -> torch.Tensor:
+    """The naive way: one Python iteration per patch, Kornia's functional ops on (1, C, p, p)."""
+    r, pr = jitter.ranges, jitter.probs
+    p = PATCH
+    out = images.clone()
+    b, _, h, w = images.shape
+    ks = jitter.blur_kernel_size
+
+    def u(lo: float = 0.0, hi: float = 1.0) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    for i in range(b):
+        for y in range(0, h, p):
+            for x in range(0, w, p):
+                patch = out[i : i + 1, :, y : y + p, x : x + p]
+                if u() < pr["brightness"]:
+                    patch = kornia.enhance.adjust_brightness_accumulative(
+                        patch, u(*r["brightness"])
+                    )
+                if u() < pr["contrast"]:
+                    patch = kornia.enhance.adjust_contrast_with_mean_subtraction(
+                        patch, u(*r["contrast"])
+                    )
+                if u() < pr["saturation"]:
+                    patch = kornia.enhance.adjust_saturation_with_gray_subtraction(
+                        patch, u(*r["saturation"])
+                    )
+                if u() < pr["hue"]:
+                    patch = kornia.enhance.adjust_hue(patch, u(*r["hue"]) * 2 * math.pi)
+                if u() < pr["solarize"]:
+                    patch = kornia.enhance.solarize(patch, u(*r["solarize"]))
+                if u() < pr["blur"]:
+                    s = u(*r["blur"])
+                    patch = kornia.filters.gaussian_blur2d(patch, ks, (s, s))
+                if u() < pr["noise"]:
+                    noise = torch.randn(patch.shape, generator=generator)
+                    patch = (patch + u(*r["noise"]) * noise).clamp(0, 1)
+                out[i : i + 1, :, y : y + p, x : x + p] = patch
+    return out
+
+
+def per_op_rows(repeats: int) -> list[dict[str, Any]]:
+    """Each operator alone on all 6272 patches: PatchJitter's op vs Kornia's functional op."""
+    g = torch.Generator().manual_seed(1)
+    n = BATCH * (SIZE // PATCH) ** 2
+    x = torch.rand(n, 3, PATCH, PATCH, generator=g)
+    f = 0.5 + torch.rand(n, generator=g)
+    h = torch.rand(n, generator=g) - 0.5
+    s = 0.1 + 1.9 * torch.rand(n, generator=g)
+    bits = torch.randint(1, 8, (n,), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    std = 0.1 * torch.rand(n, generator=g)
+    sig2 = torch.stack([s, s], 1)
+    cases = [
+        (
+            "brightness",
+            lambda: patch_ops.brightness(x, f),
+            lambda: kornia.enhance.adjust_brightness_accumulative(x, f),
+        ),
+        (
+            "contrast",
+            lambda: patch_ops.contrast(x, f),
+            lambda: kornia.enhance.adjust_contrast_with_mean_subtraction(x, f),
+        ),
+        (
+            "saturation",
+            lambda: patch_ops.saturation(x, f),
+            lambda: kornia.enhance.adjust_saturation_with_gray_subtraction(x, f),
+        ),
+        ("hue", lambda: patch_ops.hue(x, h), lambda: kornia.enhance.adjust_hue(x, h * 2 * math.pi)),
+        (
+            "grayscale",
+            lambda: patch_ops.grayscale(x),
+            lambda: kornia.color.rgb_to_grayscale(x).expand_as(x).contiguous(),
+        ),
+        (
+            "solarize",
+            lambda: patch_ops.solarize(x, f - 0.5),
+            lambda: kornia.enhance.solarize(x, f - 0.5),
+        ),
+        (
+            "blur 13x13",
+            lambda: patch_ops.gaussian_blur(x, s, (13, 13)),
+            lambda: kornia.filters.gaussian_blur2d(x, (13, 13), sig2),
+        ),
+        (
+            "blur 5x1",
+            lambda: patch_ops.gaussian_blur(x, s, (5, 1)),
+            lambda: kornia.filters.gaussian_blur2d(x, (5, 1), sig2),
+        ),
+        (
+            "noise",
+            lambda: patch_ops.gaussian_noise(x, std, noise),
+            lambda: (x + std.view(-1, 1, 1, 1) * noise).clamp(0, 1),
+        ),
+        (
+            "posterize",
+            lambda: patch_ops.posterize(x, bits),
+            lambda: kornia.enhance.posterize(x, bits),
+        ),
+        ("sharpness", lambda: patch_ops.sharpness(x, f), lambda: kornia.enhance.sharpness(x, f)),
+    ]
+    rows = []
+    for name, ours, theirs in cases:
+        err = float((ours() - theirs()).abs().max())
+        timed = timeit_interleaved({"ours": ours, "kornia": theirs}, repeats)
+        t_ours = timed["ours"]["median_s"]
+        t_kornia = timed["kornia"]["median_s"]
+        rows.append(
+            {
+                "op": name,
+                "patchjitter_ms": 1e3 * t_ours,
+                "kornia_ms": 1e3 * t_kornia,
+                "speedup": t_kornia / t_ours,
+                "max_abs_diff": err,
+            }
+        )
+        print(
+            f"  {name:12s} ours {1e3 * t_ours:7.2f} ms  kornia {1e3 * t_kornia:7.2f} ms  diff {err:.1e}"
+        )
+    return rows
+
+
+_COMPILE_CHILD = r"""
+import json, sys, time, torch
+sys.path.insert(0, {root!r})
+from patchaug.patch_jitter import PatchJitter
+torch.set_num_threads({threads})
+# one graph per operator and gathered-subset size: allow more than the default 8 recompiles
+torch._dynamo.config.recompile_limit = 64
+x = torch.rand({b}, 3, {s}, {s})
+jitter = PatchJitter.paper({p})
+fn = torch.compile(jitter)
+times = []
+for _ in range({calls}):
+    t0 = time.perf_counter(); fn(x); times.append(time.perf_counter() - t0)
+tail = sorted(times[-5:])
+print("RESULT " + json.dumps({{"first_call_s": times[0], "times_s": times,
+                              "median_s": tail[len(tail) // 2], "min_s": min(times[1:]),
+                              "recompiling_calls": sum(t > 1.0 for t in times[1:])}}))
+"""
+
+
+def compiled_run(repeats: int, timeout_s: int, threads: int) -> dict[str, Any]:
+    code = _COMPILE_CHILD.format(
+        root=str(ROOT), threads=threads, b=BATCH, s=SIZE, p=PATCH, calls=repeats + 5
+    )
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout_s} s (compile included)"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            out = json.loads(line[len("RESULT ") :])
+            out["status"] = "ok"
+            out["wall_incl_compile_s"] = time.perf_counter() - start
+            return out
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"status": "failed: " + " | ".join(tail)}
+
+
+def gpu_part(repeats: int, device: str = "cuda", batch: int = 256) -> dict[str, Any] | None:
+    """GPU timings (``device="cpu"`` only to smoke-test this function without a GPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    dev = torch.device(device)
+    b = batch
+    x = torch.rand(b, 3, SIZE, SIZE, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke test)"
+    out: dict[str, Any] = {"device": name, "batch": b}
+    nbytes = 2 * x.numel() * x.element_size()
+    copy = timeit(lambda: x.clone(), repeats, sync=sync)["median_s"]
+    out["copy_bandwidth_GBps"] = nbytes / copy / 1e9
+    for key, jitter in (
+        ("paper", PatchJitter.paper(PATCH)),
+        ("authors", PatchJitter.authors(PATCH)),
+    ):
+        t = timeit(lambda j=jitter: j(x, generator=g), repeats, sync=sync)["median_s"]
+        out[key] = {
+            "median_s": t,
+            "images_per_s": b / t,
+            "achieved_GBps": nbytes / t / 1e9,
+            "roofline_fraction": (nbytes / t) / (nbytes / copy),
+        }
+    xh = x.half()
+    jitter = PatchJitter.paper(PATCH)
+    t = timeit(lambda: jitter(xh, generator=g), repeats, sync=sync)["median_s"]
+    out["paper_fp16"] = {"median_s": t, "images_per_s": b / t}
+    kseq = kornia_patch_sequential(jitter, "ColorJiggle").to(dev)
+    t = timeit(lambda: kseq(x), max(3, repeats // 3), sync=sync)["median_s"]
+    out["kornia_patch_sequential"] = {"median_s": t, "images_per_s": b / t}
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    cpu = res["cpu"]
+    lines = [
+        "# PatchJitter benchmark",
+        "",
+        f"CPU: {res['machine']['processor']}, torch {res['machine']['torch']}, kornia "
+        f"{res['machine']['kornia']}, {res['machine']['threads']} threads, load average (1, 5, "
+        f"15 min) at start {res['machine']['loadavg']}, at end {res['machine']['loadavg_end']}"
+        " (the machine is shared: other jobs may have run at the same time).",
+        "",
+        f"Input: {BATCH} x 3 x {SIZE} x {SIZE} float32, patch {PATCH} "
+        f"({BATCH * (SIZE // PATCH) ** 2} patches). Median wall time over "
+        f"{len(cpu['patchjitter_paper']['times_s'])} rounds; the four pipelines are timed "
+        "round-robin so that load changes hit all of them alike. The per-patch loop "
+        f"{cpu['per_patch_loop']['note']}.",
+        "",
+        "| pipeline | time (ms) | time / eager `PatchJitter.paper(16)` |",
+        "|---|---:|---:|",
+    ]
+    ours = cpu["patchjitter_paper"]["median_s"]
+    for key, label in (
+        ("patchjitter_paper", "`PatchJitter.paper(16)`, eager"),
+        ("patchjitter_authors", "`PatchJitter.authors(16)`, eager"),
+        ("kornia_patchsequential_colorjiggle", "Kornia `PatchSequential` (ColorJiggle, ...)"),
+        ("kornia_patchsequential_colorjitter", "Kornia `PatchSequential` (ColorJitter, ...)"),
+        ("per_patch_loop", "Python loop over patches, Kornia ops"),
+    ):
+        t = cpu[key]["median_s"]
+        lines.append(f"| {label} | {1e3 * t:.1f} | {t / ours:.1f}x |")
+    comp = cpu["patchjitter_paper_compiled"]
+    if comp.get("status") == "ok":
+        lines.append(
+            f"| `torch.compile(PatchJitter.paper(16))`: median of the last 5 of "
+            f"{len(comp['times_s'])} calls (first call {comp['first_call_s']:.1f} s; "
+            f"{comp['recompiling_calls']} later calls took over 1 s, recompiling) | "
+            f"{1e3 * comp['median_s']:.1f} | {comp['median_s'] / ours:.2f}x |"
+        )
+    else:
+        lines.append(f"| `torch.compile(PatchJitter.paper(16))` | {comp['status']} | |")
+    lines += [
+        "",
+        "Last column: that pipeline's time over eager `PatchJitter.paper(16)`'s (how many "
+        "times slower it is).",
+        "",
+        f"**PatchJitter.paper(16) vs Kornia PatchSequential (ColorJiggle): "
+        f"{cpu['speedup_vs_patchsequential']:.1f}x faster** (ratio of medians; median of the "
+        f"per-round ratios: {cpu['speedup_vs_patchsequential_paired']:.1f}x).",
+        "",
+        "Each operator alone on the (6272, 3, 16, 16) patch batch, every patch augmented:",
+        "",
+        "| operator | PatchJitter op (ms) | Kornia functional op (ms) | speed-up | max abs diff |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in res["per_op"]:
+        lines.append(
+            f"| {row['op']} | {row['patchjitter_ms']:.2f} | {row['kornia_ms']:.2f} | "
+            f"{row['speedup']:.1f}x | {row['max_abs_diff']:.1e} |"
+        )
+    gpu = res.get("gpu")
+    lines.append("")
+    if gpu is None:
+        lines.append(
+            "GPU: not available on the machine that ran this benchmark (the GPU branch "
+            "runs only where CUDA is available)."
+        )
+    else:
+        lines += [
+            f"GPU: {gpu['device']}, B = {gpu['batch']} at 224, float32; roofline = image read and "
+            f"written once at the measured copy bandwidth {gpu['copy_bandwidth_GBps']:.0f} GB/s.",
+            "",
+            "| pipeline | images/s | roofline fraction |",
+            "|---|---:|---:|",
+            f"| PatchJitter.paper(16) | {gpu['paper']['images_per_s']:.0f} | "
+            f"{gpu['paper']['roofline_fraction']:.2f} |",
+            f"| PatchJitter.authors(16) | {gpu['authors']['images_per_s']:.0f} | "
+            f"{gpu['authors']['roofline_fraction']:.2f} |",
+            f"| PatchJitter.paper(16), float16 | {gpu['paper_fp16']['images_per_s']:.0f} | |",
+            f"| Kornia PatchSequential | {gpu['kornia_patch_sequential']['images_per_s']:.0f} | |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def rst_table(res: dict[str, Any]) -> str:
+    """The headline numbers as reStructuredText, included by the docs page."""
+    cpu = res["cpu"]
+    ours = cpu["patchjitter_paper"]["median_s"]
+    rows = [
+        ("``PatchJitter.paper(16)``, eager", cpu["patchjitter_paper"]["median_s"]),
+        ("``PatchJitter.authors(16)``, eager", cpu["patchjitter_authors"]["median_s"]),
+        (
+            "Kornia ``PatchSequential`` (ColorJiggle, ...)",
+            cpu["kornia_patchsequential_colorjiggle"]["median_s"],
+        ),
+        (
+            "Kornia ``PatchSequential`` (ColorJitter, ...)",
+            cpu["kornia_patchsequential_colorjitter"]["median_s"],
+        ),
+        ("Python loop over patches, Kornia ops", cpu["per_patch_loop"]["median_s"]),
+    ]
+    comp = cpu["patchjitter_paper_compiled"]
+    lines = [
+        f".. list-table:: CPU, {res['machine']['threads']} threads, {BATCH} x 3 x {SIZE} x {SIZE}, "
+        f"patch {PATCH} (median wall time)",
+        "   :header-rows: 1",
+        "",
+        "   * - pipeline",
+        "     - time (ms)",
+        "     - relative to eager ``PatchJitter.paper(16)``",
+    ]
+    for label, t in rows:
+        lines += [f"   * - {label}", f"     - {1e3 * t:.1f}", f"     - {t / ours:.1f}x"]
+    if comp.get("status") == "ok":
+        lines += [
+            "   * - ``torch.compile(PatchJitter.paper(16))``, median of the last 5 of "
+            f"{len(comp['times_s'])} calls",
+            f"     - {1e3 * comp['median_s']:.1f} (first call {comp['first_call_s']:.0f} s, "
+            f"{comp['recompiling_calls']} later calls recompiling)",
+            f"     - {comp['median_s'] / ours:.2f}x",
+        ]
+    else:
+        lines += [
+            "   * - ``torch.compile(PatchJitter.paper(16))``",
+            f"     - {comp['status']}",
+            "     -",
+        ]
+    lines += ["", "Each operator alone on the 6272-patch batch, every patch augmented:", ""]
+    lines += [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "",
+        "   * - operator",
+        "     - PatchJitter op (ms)",
+        "     - Kornia op (ms)",
+        "     - speed-up",
+    ]
+    for row in res["per_op"]:
+        lines += [
+            f"   * - {row['op']}",
+            f"     - {row['patchjitter_ms']:.2f}",
+            f"     - {row['kornia_ms']:.2f}",
+            f"     - {row['speedup']:.1f}x",
+        ]
+    gpu = res.get("gpu")
+    lines.append("")
+    if gpu is None:
+        lines.append("No GPU was available where this table was produced.")
+    else:
+        lines.append(
+            f"GPU ({gpu['device']}, {gpu['batch']} images): ``PatchJitter.paper(16)`` "
+            f"{gpu['paper']['images_per_s']:.0f} images/s, "
+            f"{100 * gpu['paper']['roofline_fraction']:.0f} % of the copy-bandwidth roofline."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no loop, no compile")
+    parser.add_argument("--compile-timeout", type=int, default=300)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument(
+        "--tag",
+        default="",
+        help="suffix of the result files, e.g. 1thread -> patch_jitter_1thread.*",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 10
+    res: dict[str, Any] = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "kornia": kornia.__version__,
+            "threads": args.threads,
+            "loadavg": [round(v, 2) for v in os.getloadavg()],
+        },
+        "config": {"batch": BATCH, "size": SIZE, "patch": PATCH},
+    }
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(BATCH, 3, SIZE, SIZE, generator=g)
+    paper = PatchJitter.paper(PATCH)
+    authors = PatchJitter.authors(PATCH)
+    jiggle = kornia_patch_sequential(paper, "ColorJiggle")
+    jitter = kornia_patch_sequential(paper, "ColorJitter")
+    print("CPU pipelines (interleaved)")
+    cpu: dict[str, Any] = timeit_interleaved(
+        {
+            "patchjitter_paper": lambda: paper(x, generator=g),
+            "patchjitter_authors": lambda: authors(x, generator=g),
+            "kornia_patchsequential_colorjiggle": lambda: jiggle(x),
+            "kornia_patchsequential_colorjitter": lambda: jitter(x),
+        },
+        repeats,
+    )
+    loop_images = 2 if args.quick else 4
+    cpu["per_patch_loop"] = timeit(lambda: per_patch_loop(x[:loop_images], paper, g), 1, warmup=0)
+    cpu["per_patch_loop"]["median_s"] *= BATCH / loop_images
+    cpu["per_patch_loop"]["note"] = f"run on {loop_images} images, scaled to {BATCH}"
+    if args.quick:
+        cpu["patchjitter_paper_compiled"] = {"status": "skipped (--quick)"}
+    else:
+        cpu["patchjitter_paper_compiled"] = compiled_run(
+            repeats, args.compile_timeout, args.threads
+        )
+    ours = cpu["patchjitter_paper"]["median_s"]
+    cpu["speedup_vs_patchsequential"] = cpu["kornia_patchsequential_colorjiggle"]["median_s"] / ours
+    cpu["speedup_vs_patchsequential_paired"] = paired_ratio(
+        cpu["kornia_patchsequential_colorjiggle"], cpu["patchjitter_paper"]
+    )
+    cpu["speedup_vs_patchsequential_colorjitter"] = (
+        cpu["kornia_patchsequential_colorjitter"]["median_s"] / ours
+    )
+    cpu["speedup_vs_loop"] = cpu["per_patch_loop"]["median_s"] / ours
+    for k, v in cpu.items():
+        if isinstance(v, dict) and "median_s" in v:
+            print(f"  {k:40s} {1e3 * v['median_s']:9.1f} ms")
+    print(
+        f"  speed-up vs PatchSequential: {cpu['speedup_vs_patchsequential']:.1f}x "
+        f"(paired per round: {cpu['speedup_vs_patchsequential_paired']:.1f}x)"
+    )
+    res["cpu"] = cpu
+    print("Per operator")
+    res["per_op"] = per_op_rows(repeats)
+    print("GPU")
+    res["gpu"] = gpu_part(repeats)
+    print(res["gpu"])
+    res["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = "patch_jitter" + (f"_{args.tag}" if args.tag else "")
+        (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+        (RESULTS / f"{stem}.md").write_text(markdown(res))
+        (RESULTS / f"{stem}_table.rst").write_text(rst_table(res))
+        print(f"wrote {RESULTS / stem}.json, .md and _table.rst")
+
+
+if __name__ == "__main__":
+    main()

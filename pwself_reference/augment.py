@@ -1,0 +1,419 @@
+"""DINO's multi-crop augmentation, with the crop boxes and flips PW-Self needs.
+
+Each image gives ``n_global`` global and ``n_local`` local views.
+
+Spatial part (random resized crop + horizontal flip), two interchangeable paths:
+
+- ``loader``: per image in the data-loader workers with
+  :class:`patchaug.RandomResizedCropWithBox` (antialiased, any image size),
+  collated into a :class:`MultiCropBatch`; items are drawn under the seed
+  ``(seed, epoch, index)`` so views do not depend on the number of workers or
+  processes. ``same_spatial=True`` shares each view's box and flip across the
+  batch fetched by a worker.
+- ``batched``: the loader returns whole images (all of one size) and
+  :func:`patchaug.batched_random_resized_crop` crops the batch on the device in
+  one call per view (``shared=True`` for the paper's shared augmentation).
+
+Photometric part, DINO's, per view, on the batch (:class:`BatchPhotometric`):
+colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p 0.8
+(the four in a random order per call), grayscale with p 0.2, Gaussian blur of
+sigma U(0.1, 2) with p 1.0 on global view 1, 0.1 on global view 2 and further
+globals, 0.5 on local views, solarisation with p 0.2 on global view 2. Every
+sample draws its own factors. Then optional patch-level augmentation
+(:class:`patchaug.PatchJitter`) and the ImageNet normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BatchPhotometric",
+    "CropSpec",
+    "ImageTensorDataset",
+    "MultiCropBatch",
+    "MultiCropDataset",
+    "ViewAugment",
+    "batched_multicrop",
+    "collate_images",
+    "collate_multicrop",
+    "item_seed",
+    "normalize",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def item_seed(*keys: int) -> int:
+    """A 63-bit seed from integers, well mixed (``numpy.random.SeedSequence``).
+
+    Examples
+    --------
+    >>> item_seed(0, 1, 2) == item_seed(0, 1, 2) != item_seed(0, 2, 1)
+    True
+    """
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]).generate_state(
+        2, np.uint32
+    )
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Normalise ``(B, 3, H, W)`` images in ``[0, 1]`` with a per-channel mean/std."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """Sizes and scales of the multi-crop views.
+
+    Examples
+    --------
+    >>> spec = CropSpec(28, 12, n_global=2, n_local=3)
+    >>> spec.sizes, spec.n_views
+    ([28, 28, 12, 12, 12], 5)
+    """
+
+    global_size: int
+    local_size: int
+    n_global: int = 2
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    interpolation: str = "bicubic"
+    flip_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.n_global < 1:
+            raise ValueError(f"global_crops_number must be >= 1, got {self.n_global}")
+        if self.n_local < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {self.n_local}")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
+
+    @property
+    def n_views(self) -> int:
+        return self.n_global + self.n_local
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.global_size] * self.n_global + [self.local_size] * self.n_local
+
+    @property
+    def scales(self) -> list[tuple[float, float]]:
+        return [tuple(self.global_scale)] * self.n_global + [tuple(self.local_scale)] * self.n_local
+
+
+@dataclass
+class MultiCropSample:
+    """Views of one image: ``crops`` (list of uint8 ``(3, h, w)``), ``boxes`` ``(V, 4)``, ``flips`` ``(V,)``."""
+
+    crops: list[torch.Tensor]
+    boxes: torch.Tensor
+    flips: torch.Tensor
+
+
+@dataclass
+class MultiCropBatch:
+    """A batch of views: ``views`` (list of ``(B, 3, h, w)``), ``boxes`` ``(V, B, 4)``, ``flips`` ``(V, B)``."""
+
+    views: list[torch.Tensor]
+    boxes: torch.Tensor
+    flips: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiCropBatch:
+        return MultiCropBatch(
+            [v.to(device, non_blocking=non_blocking) for v in self.views],
+            self.boxes.to(device, non_blocking=non_blocking),
+            self.flips.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> MultiCropBatch:
+        return MultiCropBatch([v.pin_memory() for v in self.views], self.boxes.pin_memory(),
+                              self.flips.pin_memory())
+
+
+def _to_uint8_tensor(img: Any) -> torch.Tensor:
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return pil_to_tensor(img.convert("RGB"))
+
+
+class MultiCropDataset(Dataset):
+    """Per-image multi-crop views of a ``(PIL image, label)`` dataset (the ``loader`` path).
+
+    Item ``i`` of epoch ``e`` is drawn under the seed ``item_seed(seed, e, i)``.
+    With ``same_spatial=True`` the data loader fetches whole batches through
+    ``__getitems__`` and the images of a batch share each view's box (drawn for
+    the first image, rescaled to the others' sizes) and flip.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> base = [(Image.new("RGB", (28, 28)), 0)] * 2
+    >>> ds = MultiCropDataset(base, CropSpec(28, 12, n_local=1))
+    >>> batch = collate_multicrop([ds[0], ds[1]])
+    >>> [tuple(v.shape) for v in batch.views], tuple(batch.boxes.shape)
+    ([(2, 3, 28, 28), (2, 3, 28, 28), (2, 3, 12, 12)], (3, 2, 4))
+    """
+
+    def __init__(self, base: Any, spec: CropSpec, seed: int = 0,
+                 same_spatial: bool = False) -> None:
+        from patchaug import RandomResizedCropWithBox
+
+        self.base = base
+        self.spec = spec
+        self.seed = int(seed)
+        self.epoch = 0
+        self.same_spatial = bool(same_spatial)
+        self.crops = [
+            RandomResizedCropWithBox(size, scale=scale, interpolation=spec.interpolation,
+                                     flip_p=spec.flip_p)
+            for size, scale in zip(spec.sizes, spec.scales)
+        ]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's randomness (call before building the epoch's iterator)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> MultiCropSample:
+        img, _ = self.base[index]
+        crops, boxes, flips = [], [], []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, self.epoch, index))
+            for t in self.crops:
+                crop, box, flip = t(img)
+                crops.append(_to_uint8_tensor(crop))
+                boxes.append(box)
+                flips.append(flip)
+        return MultiCropSample(crops, torch.stack(boxes), torch.tensor(flips, dtype=torch.bool))
+
+    def __getitems__(self, indices: list[int]) -> list[MultiCropSample]:
+        if not self.same_spatial:
+            return [self[i] for i in indices]
+        from torchvision.transforms import v2
+
+        from patchaug import sample_crop_boxes
+
+        F2 = v2.functional
+        interp = v2.InterpolationMode(self.spec.interpolation)
+        images = [self.base[i][0] for i in indices]
+        h0, w0 = v2.query_size([images[0]])
+        params = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, self.epoch, indices[0], 1))
+            for scale in self.spec.scales:
+                box = sample_crop_boxes(1, h0, w0, scale)[0]
+                params.append((box, bool(torch.rand(()) < self.spec.flip_p)))
+        out = []
+        for img in images:
+            h, w = v2.query_size([img])
+            crops, boxes, flips = [], [], []
+            for size, (box, flip) in zip(self.spec.sizes, params):
+                b = box.clone()
+                if (h, w) != (h0, w0):
+                    b = torch.round(b * torch.tensor([w / w0, h / h0, w / w0, h / h0]))
+                    b[2:] = torch.maximum(b[2:], b[:2] + 1)
+                x0, y0, x1, y1 = (int(v) for v in b.tolist())
+                crop = F2.resized_crop(img, y0, x0, y1 - y0, x1 - x0, [size, size],
+                                       interpolation=interp, antialias=True)
+                if flip:
+                    crop = F2.horizontal_flip(crop)
+                crops.append(_to_uint8_tensor(crop))
+                boxes.append(b.float())
+                flips.append(flip)
+            out.append(MultiCropSample(crops, torch.stack(boxes), torch.tensor(flips)))
+        return out
+
+
+def collate_multicrop(samples: Sequence[MultiCropSample]) -> MultiCropBatch:
+    """Stack :class:`MultiCropSample` items view by view (uint8 views)."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    n_views = len(samples[0].crops)
+    views = [torch.stack([s.crops[v] for s in samples]) for v in range(n_views)]
+    boxes = torch.stack([s.boxes for s in samples], dim=1)
+    flips = torch.stack([s.flips for s in samples], dim=1)
+    return MultiCropBatch(views, boxes, flips)
+
+
+class ImageTensorDataset(Dataset):
+    """Whole images as uint8 ``(3, H, W)`` tensors (the ``batched`` path)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return _to_uint8_tensor(self.base[index][0])
+
+
+def collate_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack same-size uint8 images into ``(B, 3, H, W)``."""
+    shapes = {tuple(x.shape) for x in images}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"--crops batched needs images of one size, got sizes {sorted(shapes)[:3]}...; "
+            "use --crops loader"
+        )
+    return torch.stack(list(images))
+
+
+def batched_multicrop(images: torch.Tensor, spec: CropSpec, shared: bool = False) -> MultiCropBatch:
+    """All views of a batch of images with :func:`patchaug.batched_random_resized_crop`.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``(B, 3, H, W)`` uint8 or float images (uint8 is scaled to ``[0, 1]``).
+    spec : CropSpec
+        View sizes and scales.
+    shared : bool
+        One box and flip per view for the whole batch.
+
+    Examples
+    --------
+    >>> b = batched_multicrop(torch.rand(4, 3, 28, 28), CropSpec(28, 12, n_local=2))
+    >>> [tuple(v.shape) for v in b.views][-1], tuple(b.boxes.shape), tuple(b.flips.shape)
+    ((4, 3, 12, 12), (4, 4, 4), (4, 4))
+    """
+    from patchaug import batched_random_resized_crop
+
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+    views, boxes, flips = [], [], []
+    for size, scale in zip(spec.sizes, spec.scales):
+        crop, box, flip = batched_random_resized_crop(
+            x, size, scale, flip_p=spec.flip_p, shared=shared, mode=spec.interpolation
+        )
+        views.append(crop.clamp_(0.0, 1.0))
+        boxes.append(box)
+        flips.append(flip)
+    return MultiCropBatch(views, torch.stack(boxes), torch.stack(flips))
+
+
+def _uniform(n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, device=device)
+
+
+class BatchPhotometric:
+    """DINO's photometric augmentation of one view, per sample, on a batch.
+
+    Parameters
+    ----------
+    blur_p : float
+        Probability of the Gaussian blur.
+    solarize_p : float
+        Probability of solarisation (threshold 0.5).
+    blur_sigma : (float, float)
+        Range of the blur sigma in pixels.
+    jitter_p, gray_p : float
+        Probabilities of the colour jitter (0.8) and of grayscale (0.2).
+
+    Examples
+    --------
+    >>> aug = BatchPhotometric(blur_p=1.0, solarize_p=0.2)
+    >>> aug(torch.rand(4, 3, 12, 12)).shape
+    torch.Size([4, 3, 12, 12])
+    """
+
+    def __init__(self, blur_p: float, solarize_p: float = 0.0,
+                 blur_sigma: tuple[float, float] = (0.1, 2.0), jitter_p: float = 0.8,
+                 gray_p: float = 0.2) -> None:
+        self.blur_p, self.solarize_p = float(blur_p), float(solarize_p)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.jitter_p, self.gray_p = float(jitter_p), float(gray_p)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from patchaug import patch_ops as P
+
+        b, c, h, w = x.shape
+        dev = x.device
+        x = x.float().contiguous()
+        jit = torch.rand(b, device=dev) < self.jitter_p
+        ones = torch.ones(b, device=dev)
+        factors = {
+            "brightness": torch.where(jit, _uniform(b, 0.6, 1.4, dev), ones),
+            "contrast": torch.where(jit, _uniform(b, 0.6, 1.4, dev), ones),
+            "saturation": torch.where(jit, _uniform(b, 0.8, 1.2, dev), ones),
+            "hue": torch.where(jit, _uniform(b, -0.1, 0.1, dev), ones * 0),
+        }
+        order = torch.randperm(4).tolist()
+        names = list(factors)
+        for k in order:
+            name = names[k]
+            if name == "hue":
+                x = torch.where(jit.view(-1, 1, 1, 1), P.hue(x, factors[name]), x)
+            else:
+                x = getattr(P, name)(x, factors[name])
+        gray = torch.rand(b, device=dev) < self.gray_p
+        x = torch.where(gray.view(-1, 1, 1, 1), P.grayscale(x), x)
+        if self.blur_p > 0 and h == w and h > 1:
+            blur = torch.rand(b, device=dev) < self.blur_p
+            sigma = _uniform(b, *self.blur_sigma, dev)
+            k = min(2 * int(np.ceil(3 * self.blur_sigma[1])) + 1, 2 * h - 1)
+            k = k if k % 2 else k - 1
+            if k >= 3:
+                x = torch.where(blur.view(-1, 1, 1, 1), P.gaussian_blur(x, sigma, (k, k)), x)
+        if self.solarize_p > 0:
+            sol = torch.rand(b, device=dev) < self.solarize_p
+            x = torch.where(sol.view(-1, 1, 1, 1), torch.where(x >= 0.5, 1.0 - x, x), x)
+        return x.clamp_(0.0, 1.0)
+
+
+class ViewAugment:
+    """Photometric augmentation, optional patch jitter and normalisation of every view.
+
+    Parameters
+    ----------
+    n_global, n_local : int
+        Number of views of each kind (the photometric recipe differs per view).
+    patch_jitter : callable, optional
+        Applied to every view after the photometric step (e.g. :class:`patchaug.PatchJitter`).
+    blur_sigma : (float, float)
+        Blur sigma range.
+
+    Examples
+    --------
+    >>> aug = ViewAugment(2, 1)
+    >>> out = aug([torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 4, 4)])
+    >>> [tuple(v.shape) for v in out]
+    [(2, 3, 8, 8), (2, 3, 8, 8), (2, 3, 4, 4)]
+    """
+
+    def __init__(self, n_global: int, n_local: int, patch_jitter: Any = None,
+                 blur_sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.ops = []
+        for v in range(n_global):
+            blur_p, sol_p = (1.0, 0.0) if v == 0 else (0.1, 0.2 if v == 1 else 0.0)
+            self.ops.append(BatchPhotometric(blur_p, sol_p, blur_sigma))
+        self.ops += [BatchPhotometric(0.5, 0.0, blur_sigma) for _ in range(n_local)]
+        self.patch_jitter = patch_jitter
+
+    def __call__(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(views) != len(self.ops):
+            raise ValueError(f"expected {len(self.ops)} views, got {len(views)}")
+        out = []
+        for v, op in zip(views, self.ops):
+            x = v.float() / 255.0 if v.dtype == torch.uint8 else v.float()
+            x = op(x)
+            if self.patch_jitter is not None:
+                x = self.patch_jitter(x)
+            out.append(normalize(x))
+        return out
