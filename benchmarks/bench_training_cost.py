@@ -1,0 +1,454 @@
+"""Training cost of PW-Self over DINO: time and peak memory of one training step, by phase.
+
+The paper's CIFAR-10 setting (ViT-Tiny/16, 2 x 224 + 8 x 96 crops, per-token centre,
+``--preset cifar10-vit-tiny16-*``) with a small batch on the CPU, for six
+configurations: DINO, PW-Self ``mean`` and PW-Self ``mean`` + patch augmentation
+(``PatchJitter.authors(16)``), each with head ``out_dim`` 1000 and 65536.
+
+Everything is built by ``pwself_reference`` itself: the flags by
+:func:`pwself_reference.config.parse_args` with the preset, the student and teacher
+by ``train.build_network``, the loss by :class:`~pwself_reference.losses.PWSelfLoss`,
+the optimizer by ``train.param_groups`` + AdamW, the crops by
+:func:`~pwself_reference.augment.batched_multicrop` (per-sample boxes), the
+photometric augmentation by :class:`~pwself_reference.augment.ViewAugment`, the
+matches by ``train.compute_matches``, clipping and the EMA by ``train.clip_gradients``
+and ``train.ema_update``. The step is the one of ``train.train_one_epoch``, cut into
+phases with ``perf_counter`` around each; backward passes are split between the
+loss, the head and the backbone with detach boundaries (``out.backward(grad)``), so
+the arithmetic is the same as one ``loss.backward()`` (checked: the decomposed
+step's loss equals ``criterion(student(views), teacher(views))``).
+
+Phases (seconds per step):
+
+* ``crop_aug``: batched multi-crop + DINO photometric augmentation + normalisation;
+* ``patch_aug``: ``PatchJitter`` on every view (PW-Self + patch aug only);
+* ``matching``: ``compute_matches`` for the 18 (teacher, student) view pairs;
+* ``backbone``: teacher and student ViT forward + student backward;
+* ``head``: teacher and student DINO head forward + student head backward;
+* ``loss``: ``PWSelfLoss`` forward (softmax / log-softmax of every kept token,
+  gather of the matched pairs, cross-entropy, centre update) + backward;
+* ``optimizer``: zero_grad, per-parameter clipping, AdamW step, teacher EMA.
+
+Each configuration runs in a fresh subprocess (1 warm-up step, then ``--steps``
+timed steps); its peak memory is the process's resident-set high-water mark
+(``ru_maxrss``) after the steps.
+
+Usage::
+
+    python benchmarks/bench_training_cost.py     # writes benchmarks/results/training_cost.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PHASES = ("crop_aug", "patch_aug", "matching", "backbone", "head", "loss", "optimizer")
+CONFIGS = {  # name: (loss, patch_aug)
+    "dino": ("dino", "none"),
+    "pwself-mean": ("mean", "none"),
+    "pwself-mean-patchaug": ("mean", "authors"),
+}
+
+
+def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) -> dict:
+    """Build everything as train.py does and time ``steps`` steps after one warm-up."""
+    import torch
+
+    from pwself_reference import train as T
+    from pwself_reference.augment import CropSpec, ViewAugment, batched_multicrop, normalize
+    from pwself_reference.config import parse_args
+    from pwself_reference.losses import PWSelfLoss
+    from pwself_reference.models import backbone_tokens
+    from pwself_reference.schedules import teacher_temp_schedule
+
+    loss_name, patch_aug = CONFIGS[name]
+    preset = {"dino": "cifar10-vit-tiny16-dino", "mean": "cifar10-vit-tiny16-mean"}[loss_name]
+    args = parse_args(["--preset", preset, "--out-dim", str(out_dim), "--batch-size", str(batch),
+                       "--patch-aug", patch_aug, "--device", "cpu",
+                       "--data-path", tempfile.gettempdir()])  # no data is read
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    student = T.build_network(args, args.drop_path)
+    teacher = T.build_network(args, 0.0)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    patch_level = args.loss != "dino"
+    grid = args.global_crop_size // args.patch_size
+    criterion = PWSelfLoss(
+        args.out_dim, n_teacher_tokens=1 + grid * grid if patch_level else 1, loss=args.loss,
+        lam=args.lam, center=args.center,
+        teacher_temps=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                                            args.warmup_teacher_temp_epochs, args.epochs),
+        student_temp=args.student_temp, center_momentum=args.center_momentum,
+    )
+    optimizer = torch.optim.AdamW(T.param_groups(student), foreach=True)
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = args.lr * batch / 256.0
+        if i == 0:
+            group["weight_decay"] = args.weight_decay
+    spec = CropSpec(args.global_crop_size, args.local_crop_size, args.global_crops_number,
+                    args.local_crops_number, tuple(args.global_crops_scale),
+                    tuple(args.local_crops_scale), args.interpolation)
+    view_aug = ViewAugment(spec.n_global, spec.n_local, None, tuple(args.blur_sigma))
+    jitter = T.build_patch_jitter(args.patch_aug, args.patch_size)
+    # CIFAR-10 images are 32 x 32, upsampled by the crops to 224 / 96
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    epoch = args.freeze_last_layer  # past the frozen-last-layer epoch: the whole head trains
+    n_global = spec.n_global
+
+    def net_forward(net, views, grad: bool):
+        """MultiCropNetwork.forward cut in two: backbone tokens, then the head."""
+        batch_size = views[0].shape[0]
+        groups: list[list[torch.Tensor]] = []
+        for v in views:
+            if groups and groups[-1][0].shape[-2:] == v.shape[-2:]:
+                groups[-1].append(v)
+            else:
+                groups.append([v])
+        with torch.set_grad_enabled(grad):
+            flat, shapes = [], []
+            for g in groups:
+                tok = backbone_tokens(net.backbone, torch.cat(g, dim=0))
+                if not patch_level:
+                    tok = tok[:, :1]
+                shapes.append((len(g), tok.shape[1]))
+                flat.append(tok.reshape(-1, tok.shape[-1]))
+            return torch.cat(flat, dim=0), shapes, batch_size
+
+    def split(out, shapes, batch_size):
+        res, start = [], 0
+        for n_views, n_tok in shapes:
+            size = n_views * batch_size * n_tok
+            res.extend(out[start:start + size].view(n_views, batch_size, n_tok, -1).unbind(0))
+            start += size
+        return res
+
+    def step(step_idx: int, check: bool = False, profile_loss: bool = False) -> dict[str, float]:
+        t: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        torch.manual_seed(1000 + step_idx)
+        t0 = time.perf_counter()
+        mb = batched_multicrop(images, spec, shared=False)
+        views = []
+        for v, op in zip(mb.views, view_aug.ops):
+            a = time.perf_counter()
+            x = op(v.float())
+            b = time.perf_counter()
+            if jitter is not None:
+                x = jitter(x)
+            c = time.perf_counter()
+            views.append(normalize(x))
+            t["patch_aug"] += c - b
+        t["crop_aug"] = time.perf_counter() - t0 - t["patch_aug"]
+
+        a = time.perf_counter()
+        matches = T.compute_matches(mb, n_global, args.patch_size, args.match_rule) \
+            if patch_level else None
+        t["matching"] = time.perf_counter() - a
+
+        # forward: backbone, then head, teacher (no grad) and student
+        a = time.perf_counter()
+        t_tok, t_shapes, bs = net_forward(teacher, views[:n_global], grad=False)
+        s_tok, s_shapes, _ = net_forward(student, views, grad=True)
+        b = time.perf_counter()
+        with torch.no_grad():
+            teacher_out = split(teacher.head(t_tok), t_shapes, bs)
+        s_tok_d = s_tok.detach().requires_grad_(True)
+        s_head = student.head(s_tok_d)
+        c = time.perf_counter()
+        s_head_d = s_head.detach().requires_grad_(True)
+        student_out = split(s_head_d, s_shapes, bs)
+        if check:  # the decomposed forward is the network's own forward
+            with torch.no_grad():
+                cp = criterion.center.clone()
+                ref = criterion(student(views, all_tokens=patch_level),
+                                teacher(views[:n_global], all_tokens=patch_level), matches,
+                                epoch, update_center=False)
+                mine = criterion(student_out, teacher_out, matches, epoch, update_center=False)
+                assert torch.equal(cp, criterion.center)
+            # drop-path is random in the student: compare with drop-path off
+            rel = abs(float(ref) - float(mine)) / max(abs(float(ref)), 1e-12)
+            check_rel = rel
+        c2 = time.perf_counter()
+        prof = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                if profile_loss else contextlib.nullcontext())
+        with prof:
+            loss = criterion(student_out, teacher_out, matches, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        d = time.perf_counter()
+        if profile_loss:  # share of the loss spent in softmax / log-softmax (fwd + bwd)
+            ka = prof.key_averages()
+            total_us = sum(e.self_cpu_time_total for e in ka)
+            soft_us = sum(e.self_cpu_time_total for e in ka if "softmax" in e.key)
+            t["loss_softmax_fraction"] = soft_us / max(total_us, 1e-9)
+            top = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+            t["loss_top_ops"] = [(e.key, e.self_cpu_time_total / 1e6 / (total_us / 1e6) * 100.0
+                                  if total_us else 0.0) for e in top]
+        s_head.backward(s_head_d.grad)
+        e = time.perf_counter()
+        s_tok.backward(s_tok_d.grad)
+        f = time.perf_counter()
+        t["backbone"] = (b - a) + (f - e)
+        t["head"] = (c - b) + (e - d)
+        t["loss"] = d - c2
+        T.clip_gradients(student, args.clip_grad)
+        optimizer.step()
+        T.ema_update(teacher, student, args.momentum_teacher)
+        t["optimizer"] = time.perf_counter() - f
+        t["step"] = sum(t[p] for p in PHASES)
+        t["loss_value"] = float(loss.detach())
+        if check:
+            t["check_rel_diff"] = check_rel
+        return t
+
+    # the check runs without drop-path so both forwards are deterministic
+    dp = [m for m in student.modules() if type(m).__name__ == "DropPath"]
+    saved = [m.drop_prob for m in dp]
+    for m in dp:
+        m.drop_prob = 0.0
+    warm = step(0, check=True)
+    for m, p in zip(dp, saved):
+        m.drop_prob = p
+    timed = [step(i + 1) for i in range(steps)]
+    # one more (untimed) step profiles the loss to split it: softmax / log-softmax of every
+    # head output (scales with tokens x out_dim, like the head) vs the rest (gather,
+    # cross-entropy, temperature, centring)
+    prof_step = step(steps + 1, profile_loss=True)
+    softmax_fraction = prof_step["loss_softmax_fraction"]
+    fastest = min(timed, key=lambda s: s["step"])
+    res = {
+        "config": name, "loss": loss_name, "patch_aug": patch_aug, "out_dim": out_dim,
+        "batch": batch, "timed_steps": steps, "threads": threads,
+        "check_rel_diff_vs_network_forward": warm["check_rel_diff"],
+        "warmup_s": warm["step"],
+        "steps_s": [s["step"] for s in timed],
+        # the machine is shared: the fastest timed step (least disturbed) and its phases
+        "s_per_step": fastest["step"],
+        "phases_s": {p: fastest[p] for p in PHASES},
+        "s_per_step_mean": sum(s["step"] for s in timed) / steps,
+        "phases_mean_s": {p: sum(s[p] for s in timed) / steps for p in PHASES},
+        "loss_softmax_fraction": softmax_fraction,
+        "loss_top_ops_pct_of_loss": prof_step["loss_top_ops"],
+        "loss_values": [s["loss_value"] for s in timed],
+        "student_head_tokens_per_step": int(
+            sum(v.shape[0] * (1 + (v.shape[-2] // 16) * (v.shape[-1] // 16) if patch_level else 1)
+                for v in batched_multicrop(images[:1], spec).views) * batch),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+    return res
+
+
+def fmt_table(results: list[dict]) -> list[str]:
+    base = {r["out_dim"]: r for r in results if r["config"] == "dino"}
+    lines = [
+        "| config | out_dim | batch | timed steps | s / step | x DINO | peak RSS (MB) | crop+aug | "
+        "patch aug | matching | backbone | head | loss | (softmax) | (rest) | optimizer | "
+        "bookkeeping % | bookkeeping % w/o softmax |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|",
+    ]
+    for r in results:
+        ph = r["phases_s"]
+        ratio = r["s_per_step"] / base[r["out_dim"]]["s_per_step"] if r["out_dim"] in base else 0
+        lines.append(
+            f"| {r['config']} | {r['out_dim']} | {r['batch']} | {r['timed_steps']} | "
+            f"{r['s_per_step']:.2f} | {ratio:.2f}x | {r['peak_rss_mb']:.0f} | "
+            + " | ".join(f"{ph[p]:.3f}" for p in PHASES[:-1])
+            + f" | {r['loss_softmax_s']:.3f} | {r['loss_rest_s']:.3f} | {ph['optimizer']:.3f}"
+            + f" | {r['bookkeeping_pct']:.1f} | {r['bookkeeping_strict_pct']:.1f} |"
+        )
+    return lines
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Stacked bars: seconds per step by phase, one bar per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({r["out_dim"] for r in results})
+    fig, axes = plt.subplots(1, len(dims), figsize=(5.5 * len(dims), 4.2), squeeze=False)
+    colours = dict(zip(PHASES, plt.get_cmap("tab10").colors))
+    for ax, dim in zip(axes[0], dims):
+        rows = [r for r in results if r["out_dim"] == dim]
+        bottom = [0.0] * len(rows)
+        for p in PHASES:
+            vals = [r["phases_s"][p] for r in rows]
+            ax.bar(range(len(rows)), vals, bottom=bottom, color=colours[p], label=p)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        for i, r in enumerate(rows):
+            ax.text(i, bottom[i], f"{r['s_per_step']:.2f} s\n{r['bookkeeping_pct']:.1f}% bk",
+                    ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(rows)), [r["config"] for r in rows], fontsize=8)
+        ax.set_ylim(0, max(bottom) * 1.2)
+        ax.set_title(f"out_dim {dim}, batch {rows[0]['batch']}")
+        ax.set_ylabel("s / step (CPU)")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("One training step by phase (bk: matching + loss + patch aug)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8, help="images per step, out_dim 1000")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
+    ap.add_argument("--batch-large", type=int, default=4, help="images per step, out_dim 65536")
+    ap.add_argument("--steps-large", type=int, default=2, help="timed steps, out_dim 65536")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: least disturbed when other jobs share the cores)")
+    ap.add_argument("--out-dims", type=int, nargs="+", default=[1000, 65536])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--_child", nargs=2, metavar=("CONFIG", "OUT_DIM"), help=argparse.SUPPRESS)
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw training_cost.png from the JSON in --out")
+    a = ap.parse_args(argv)
+
+    if a.replot:
+        plot(json.loads((a.out / "training_cost.json").read_text())["results"],
+             a.out / "training_cost.png")
+        return
+
+    if a._child:
+        out_dim = int(a._child[1])
+        large = out_dim > 1000
+        res = run_config(a._child[0], out_dim, a.batch_large if large else a.batch,
+                         a.steps_large if large else a.steps, a.threads)
+        print("RESULT " + json.dumps(res))
+        return
+
+    import torch
+
+    load_start = list(os.getloadavg())
+    t_all = time.perf_counter()
+    results = []
+    for out_dim in a.out_dims:
+        for name in CONFIGS:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", name, str(out_dim),
+                   "--batch", str(a.batch), "--steps", str(a.steps), "--batch-large",
+                   str(a.batch_large), "--steps-large", str(a.steps_large),
+                   "--threads", str(a.threads)]
+            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
+                "PYTHONPATH", ""))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                raise SystemExit(f"{name} out_dim {out_dim} failed:\n{proc.stderr[-3000:]}")
+            r = json.loads(line[len("RESULT "):])
+            ph = r["phases_s"]
+            r["loss_softmax_s"] = ph["loss"] * r["loss_softmax_fraction"]
+            r["loss_rest_s"] = ph["loss"] - r["loss_softmax_s"]
+            r["bookkeeping_s"] = ph["matching"] + ph["loss"] + ph["patch_aug"]
+            r["bookkeeping_pct"] = 100.0 * r["bookkeeping_s"] / r["s_per_step"]
+            r["bookkeeping_strict_s"] = ph["matching"] + r["loss_rest_s"] + ph["patch_aug"]
+            r["bookkeeping_strict_pct"] = 100.0 * r["bookkeeping_strict_s"] / r["s_per_step"]
+            results.append(r)
+            print(f"{name:22s} out_dim {out_dim:6d}: {r['s_per_step']:.2f} s/step, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB, bookkeeping {r['bookkeeping_pct']:.1f}%, "
+                  f"steps {[round(x, 2) for x in r['steps_s']]}, "
+                  f"{ {k: round(v, 3) for k, v in ph.items()} }", flush=True)
+    load_end = list(os.getloadavg())
+
+    # differences against DINO at the same out_dim (same run)
+    diffs = []
+    for r in results:
+        if r["config"] == "dino":
+            continue
+        d = next(x for x in results if x["config"] == "dino" and x["out_dim"] == r["out_dim"])
+        delta = {p: r["phases_s"][p] - d["phases_s"][p] for p in PHASES}
+        total = r["s_per_step"] - d["s_per_step"]
+        # per-image normalisation when the two runs used different batch sizes (they do not here)
+        diffs.append({"config": r["config"], "out_dim": r["out_dim"], "delta_step_s": total,
+                      "delta_phases_s": delta,
+                      "head_share_of_delta_pct": 100.0 * delta["head"] / total if total else 0.0})
+
+    meta = {
+        "setting": "CIFAR-10 preset: ViT-Tiny/16, 2 x 224 + 8 x 96 crops (32 px images "
+                   "upsampled), per-token centre, match rule official, per-sample boxes, "
+                   "AdamW, fp32, CPU",
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "threads": a.threads,
+        "load_average_start": load_start, "load_average_end": load_end,
+        "wall_time_s": time.perf_counter() - t_all,
+        "bookkeeping_definition": "(matching + loss + patch_aug) / step; loss is the whole "
+                                  "PWSelfLoss forward + backward (softmax of every kept token, "
+                                  "gather, cross-entropy, centre update)",
+        "goal_bookkeeping_pct": 5.0,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "training_cost.json").write_text(
+        json.dumps({"meta": meta, "results": results, "vs_dino": diffs}, indent=2) + "\n")
+
+    md = [
+        "# Training cost of PW-Self over DINO",
+        "",
+        f"{meta['setting']}; torch {meta['torch']}, {a.threads} threads on a {meta['cpu_count']}-"
+        f"core {meta['cpu']} machine shared with other jobs: load average (1, 5, 15 min) "
+        f"{[round(x, 2) for x in load_start]} at start, {[round(x, 2) for x in load_end]} at end. "
+        f"Each configuration runs in a fresh process: 1 warm-up step, then the timed steps "
+        f"(the fastest timed step and its phases are shown, the least disturbed by other "
+        f"jobs; the JSON also has the means). Peak RSS: the process's resident-set "
+        f"high-water mark (models, optimizer "
+        f"state and the step). Phases in seconds per step. Total wall time "
+        f"{meta['wall_time_s']:.0f} s.",
+        "",
+        *fmt_table(results),
+        "",
+        "bookkeeping % = (matching + loss + patch aug) / step, the goal being at most 5%. "
+        "\"loss\" is the whole PWSelfLoss forward + backward, which for PW-Self includes the "
+        "softmax / log-softmax of every head output (tokens x out_dim, a cost that grows with "
+        "the head's output like the head itself) as well as the gather and cross-entropy of "
+        "the matched pairs; \"(softmax)\" and \"(rest)\" split it by the share of softmax / "
+        "log-softmax operators (forward and backward) in a torch.profiler profile of the loss "
+        "of one more step. \"bookkeeping % w/o softmax\" = (matching + loss rest + patch aug) "
+        "/ step.",
+        "",
+        "Difference from DINO at the same out_dim (s / step):",
+        "",
+        "| config | out_dim | step | head | backbone | loss | matching | patch aug | "
+        "crop+aug | optimizer | head share of the difference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for d in diffs:
+        dp = d["delta_phases_s"]
+        md.append(
+            f"| {d['config']} | {d['out_dim']} | {d['delta_step_s']:+.2f} | {dp['head']:+.2f} | "
+            f"{dp['backbone']:+.2f} | {dp['loss']:+.2f} | {dp['matching']:+.3f} | "
+            f"{dp['patch_aug']:+.3f} | {dp['crop_aug']:+.3f} | {dp['optimizer']:+.3f} | "
+            f"{d['head_share_of_delta_pct']:.0f}% |"
+        )
+    md += ["", "The head column is the cost of applying the DINO head to every token (PW-Self) "
+           "instead of the CLS token only (DINO).", "",
+           "Where the loss's time goes (torch.profiler, self CPU time of the top operators as a "
+           "share of the loss's forward + backward):", ""]
+    for r in results:
+        if r["config"] != "dino":
+            ops = ", ".join(f"{k} {v:.0f}%" for k, v in r["loss_top_ops_pct_of_loss"][:6])
+            md.append(f"- {r['config']}, out_dim {r['out_dim']}: {ops}")
+    (a.out / "training_cost.md").write_text("\n".join(md) + "\n")
+    plot(results, a.out / "training_cost.png")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
