@@ -71,9 +71,7 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
     from pwself_reference import train as T
     from pwself_reference.augment import CropSpec, ViewAugment, batched_multicrop, normalize
     from pwself_reference.config import parse_args
-    from pwself_reference.losses import PWSelfLoss
     from pwself_reference.models import backbone_tokens
-    from pwself_reference.schedules import teacher_temp_schedule
 
     loss_name, patch_aug = CONFIGS[name]
     preset = {"dino": "cifar10-vit-tiny16-dino", "mean": "cifar10-vit-tiny16-mean"}[loss_name]
@@ -90,14 +88,7 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
     for p in teacher.parameters():
         p.requires_grad_(False)
     patch_level = args.loss != "dino"
-    grid = args.global_crop_size // args.patch_size
-    criterion = PWSelfLoss(
-        args.out_dim, n_teacher_tokens=1 + grid * grid if patch_level else 1, loss=args.loss,
-        lam=args.lam, center=args.center,
-        teacher_temps=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
-                                            args.warmup_teacher_temp_epochs, args.epochs),
-        student_temp=args.student_temp, center_momentum=args.center_momentum,
-    )
+    criterion = T.build_criterion(args)
     optimizer = torch.optim.AdamW(T.param_groups(student), foreach=True)
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = args.lr * batch / 256.0

@@ -182,6 +182,19 @@ def build_network(args: argparse.Namespace, drop_path: float) -> MultiCropNetwor
     return MultiCropNetwork(backbone, head)
 
 
+def build_criterion(args: argparse.Namespace) -> PWSelfLoss:
+    """The DINO / PW-Self loss of a configuration (patch tokens only when the loss uses them)."""
+    patch_level = args.loss != "dino"
+    grid = args.global_crop_size // args.patch_size
+    return PWSelfLoss(
+        args.out_dim, n_teacher_tokens=1 + grid * grid if patch_level else 1, loss=args.loss,
+        lam=args.lam, center=args.center,
+        teacher_temps=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                                            args.warmup_teacher_temp_epochs, args.epochs),
+        student_temp=args.student_temp, center_momentum=args.center_momentum,
+    )
+
+
 def build_patch_jitter(name: str, patch_size: int) -> Any:
     if name == "none":
         return None
@@ -479,15 +492,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n_params = sum(p.numel() for p in student.backbone.parameters())
     say(f"model: {args.arch} (patch {args.patch_size}, {n_params / 1e6:.2f} M backbone params), "
         f"loss {args.loss}, head out_dim {args.out_dim}")
-    patch_level = args.loss != "dino"
-    grid = args.global_crop_size // args.patch_size
-    criterion = PWSelfLoss(
-        args.out_dim, n_teacher_tokens=1 + grid * grid if patch_level else 1, loss=args.loss,
-        lam=args.lam, center=args.center,
-        teacher_temps=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
-                                            args.warmup_teacher_temp_epochs, args.epochs),
-        student_temp=args.student_temp, center_momentum=args.center_momentum,
-    ).to(device)
+    criterion = build_criterion(args).to(device)
 
     groups = param_groups(student)
     if args.optimizer == "adamw":
