@@ -27,6 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pwself_reference.augment import (  # one definition for train and eval
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+)
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -37,8 +42,6 @@ __all__ = [
     "extract_features",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MULTISCALE = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 
 
