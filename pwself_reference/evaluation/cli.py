@@ -47,9 +47,9 @@ def _labelled(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", default=None, help="dataset root (default: the checkpoint's)")
     p.add_argument("--img-size", type=_positive_int, default=None,
                    help="evaluation crop size (default: the checkpoint's global_crop_size)")
-    p.add_argument("--resize-ratio", type=float, default=256 / 224,
+    p.add_argument("--resize-ratio", type=float, default=None,
                    help="resize the short side to img_size * ratio before the centre crop "
-                        "(DINO: 256/224)")
+                        "(default: the checkpoint's --eval-resize-ratio, else DINO's 256/224)")
     p.add_argument("--batch-size", type=_positive_int, default=128)
 
 
@@ -155,6 +155,13 @@ def _img_size(args, config) -> int:
     return size
 
 
+def _resize_ratio(args, config) -> float:
+    """The flag, else the ratio train.py's k-NN monitor used, so both report the same number."""
+    if args.resize_ratio is not None:
+        return args.resize_ratio
+    return float(config.get("eval_resize_ratio", 256 / 224))
+
+
 def _run_knn(args, device) -> dict[str, Any]:
     from pwself_reference.evaluation.features import eval_transform, extract_features
     from pwself_reference.evaluation.knn import knn_classify
@@ -172,12 +179,13 @@ def _run_knn(args, device) -> dict[str, Any]:
     else:
         backbone, config = _load(args, device)
         size = _img_size(args, config)
-        transform = eval_transform(size, args.resize_ratio)
+        ratio = _resize_ratio(args, config)
+        transform = eval_transform(size, ratio)
         name, train, val = _datasets(args, config, transform, transform)
         too_big = [k for k in args.nb_knn if k > len(train)]
         if too_big:
             raise ValueError(f"nb_knn: k={too_big} larger than the {len(train)} train images")
-        settings.update(dataset=name, img_size=size, resize_ratio=args.resize_ratio,
+        settings.update(dataset=name, img_size=size, resize_ratio=ratio,
                         n_train=len(train), n_test=len(val))
         tensors = {}
         for split, ds in (("train", train), ("test", val)):
@@ -212,7 +220,7 @@ def _run_linear(args, device) -> dict[str, Any]:
 
     backbone, config = _load(args, device)
     size = _img_size(args, config)
-    val_tf = eval_transform(size, args.resize_ratio)
+    val_tf = eval_transform(size, _resize_ratio(args, config))
     if args.cache_features:
         train_tf = val_tf
     else:

@@ -98,6 +98,7 @@ def test_knn_cli_matches_the_library(setup, tmp_path):
     # colour classes are easy even for a random network
     assert record["results"]["5"]["top1"] >= 75.0
 
+
     # features dumped and reloaded give the same numbers, without the backbone
     out2 = tmp_path / "knn2.json"
     assert run(["knn", "--checkpoint", ckpt, "--load-features", dump, "--nb-knn", 1, 5,
@@ -238,3 +239,24 @@ def test_module_entry_point(tmp_path):
     )
     assert proc.returncode == 2
     assert "checkpoint not found" in proc.stderr
+
+
+def test_knn_cli_default_resize_ratio_is_the_checkpoints(setup, tmp_path):
+    """Without --resize-ratio the CLI resizes as train.py's k-NN monitor did."""
+    ckpt, data, _ = setup
+    ck = torch.load(ckpt, weights_only=True)
+    results = {}
+    for ratio in (1.0, 1.5):
+        ck["config"]["eval_resize_ratio"] = ratio
+        path = tmp_path / f"ck{ratio}.pth"
+        torch.save(ck, path)
+        out = tmp_path / f"knn{ratio}.json"
+        assert run(["knn", "--checkpoint", path, "--dataset", "imagefolder", "--data-path", data,
+                    "--nb-knn", 1, "--num-workers", 0, "--output", out]) == 0
+        results[ratio] = json.loads(out.read_text())
+        assert results[ratio]["settings"]["resize_ratio"] == ratio
+    explicit = tmp_path / "explicit.json"
+    assert run(["knn", "--checkpoint", tmp_path / "ck1.5.pth", "--dataset", "imagefolder",
+                "--data-path", data, "--nb-knn", 1, "--num-workers", 0, "--resize-ratio", 1.0,
+                "--output", explicit]) == 0
+    assert json.loads(explicit.read_text())["results"] == results[1.0]["results"]
