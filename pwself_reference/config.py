@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only this many (seeded, random) training images (0: all)")
     g.add_argument("--test-subset", type=int, default=0,
                    help="use only this many (seeded, random) k-NN test images (0: all)")
-    g.add_argument("--batch-size", type=int, default=128, help="images per process and step")
+    g.add_argument("--batch-size", type=int, default=32, help="images per process and step")
     g.add_argument("--eval-batch-size", type=int, default=256, help="batch size of k-NN feature extraction")
 
     g = p.add_argument_group("model")
