@@ -69,7 +69,7 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
     import torch
 
     from pwself_reference import train as T
-    from pwself_reference.augment import CropSpec, ViewAugment, batched_multicrop, normalize
+    from pwself_reference.augment import ViewAugment, batched_multicrop, normalize
     from pwself_reference.config import parse_args
     from pwself_reference.models import backbone_tokens
 
@@ -80,23 +80,14 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
                        "--data-path", tempfile.gettempdir()])  # no data is read
     torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-
-    student = T.build_network(args, args.drop_path)
-    teacher = T.build_network(args, 0.0)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    # seeded by --seed (0), built exactly as train.py builds them
+    student, teacher, criterion, optimizer, _ = T.build_models(args, torch.device("cpu"), None)
     patch_level = args.loss != "dino"
-    criterion = T.build_criterion(args)
-    optimizer = torch.optim.AdamW(T.param_groups(student), foreach=True)
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = args.lr * batch / 256.0
         if i == 0:
             group["weight_decay"] = args.weight_decay
-    spec = CropSpec(args.global_crop_size, args.local_crop_size, args.global_crops_number,
-                    args.local_crops_number, tuple(args.global_crops_scale),
-                    tuple(args.local_crops_scale), args.interpolation)
+    spec = T.crop_spec(args)
     view_aug = ViewAugment(spec.n_global, spec.n_local, None, tuple(args.blur_sigma))
     jitter = T.build_patch_jitter(args.patch_aug, args.patch_size)
     # CIFAR-10 images are 32 x 32, upsampled by the crops to 224 / 96

@@ -203,6 +203,39 @@ def build_patch_jitter(name: str, patch_size: int) -> Any:
     return PatchJitter.paper(patch_size) if name == "paper" else PatchJitter.authors(patch_size)
 
 
+def crop_spec(args: argparse.Namespace) -> CropSpec:
+    """The multi-crop sizes, counts and scales of the flags."""
+    return CropSpec(args.global_crop_size, args.local_crop_size, args.global_crops_number,
+                    args.local_crops_number, tuple(args.global_crops_scale),
+                    tuple(args.local_crops_scale), args.interpolation)
+
+
+def build_view_augment(args: argparse.Namespace, spec: CropSpec) -> ViewAugment:
+    """DINO's photometric augmentation per view, then ``--patch-aug`` if any."""
+    return ViewAugment(spec.n_global, spec.n_local,
+                       build_patch_jitter(args.patch_aug, args.patch_size), tuple(args.blur_sigma))
+
+
+def build_models(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None
+                 ) -> tuple[nn.Module, MultiCropNetwork, PWSelfLoss, torch.optim.Optimizer,
+                            torch.amp.GradScaler | None]:
+    """Student, teacher (a frozen copy), loss, optimizer and fp16 loss scaler, seeded by ``--seed``."""
+    torch.manual_seed(args.seed)
+    student = build_network(args, args.drop_path).to(device)
+    teacher = build_network(args, 0.0).to(device)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    criterion = build_criterion(args).to(device)
+    groups = param_groups(student)
+    if args.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, foreach=True)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return student, teacher, criterion, optimizer, scaler
+
+
 def compute_matches(batch: MultiCropBatch, n_global: int, patch_size: int, rule: str
                     ) -> dict[tuple[int, int], Any]:
     """Matches between every teacher (global) view ``i`` and student view ``j != i``.
@@ -444,9 +477,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     base = seeded_subset(build_pretrain_dataset(args.dataset, args.data_path), args.train_subset,
                          args.seed)
-    spec = CropSpec(args.global_crop_size, args.local_crop_size, args.global_crops_number,
-                    args.local_crops_number, tuple(args.global_crops_scale),
-                    tuple(args.local_crops_scale), args.interpolation)
+    spec = crop_spec(args)
     crops = args.crops if args.crops != "auto" else ("loader" if args.dataset == "imagefolder"
                                                      else "batched")
     if crops == "loader":
@@ -483,23 +514,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
 
     # model
-    torch.manual_seed(args.seed)
-    student = build_network(args, args.drop_path).to(device)
-    teacher = build_network(args, 0.0).to(device)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    student, teacher, criterion, optimizer, scaler = build_models(args, device, amp_dtype)
     n_params = sum(p.numel() for p in student.backbone.parameters())
     say(f"model: {args.arch} (patch {args.patch_size}, {n_params / 1e6:.2f} M backbone params), "
         f"loss {args.loss}, head out_dim {args.out_dim}")
-    criterion = build_criterion(args).to(device)
-
-    groups = param_groups(student)
-    if args.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, foreach=True)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     if dinfo.distributed:
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
@@ -513,9 +531,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     tr = Trainer(args, device, dinfo, student, teacher, criterion, optimizer, scaler, amp_dtype,
                  None, sampler, spec,  # type: ignore[arg-type]
-                 ViewAugment(spec.n_global, spec.n_local,
-                             build_patch_jitter(args.patch_aug, args.patch_size),
-                             tuple(args.blur_sigma)),
+                 build_view_augment(args, spec),
                  lr_schedule, wd_schedule, momentum_schedule, steps_per_epoch, out_dir)
 
     start_epoch, start_it = 0, 0

@@ -1,0 +1,81 @@
+"""Fast CPU checks of benchmarks/bench_gpu_throughput.py (its ``--smoke`` mode)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "bench_gpu_throughput.py"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_gpu_throughput", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load()
+
+
+def _snapshot() -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in RESULTS.glob("gpu_throughput.*")}
+
+
+def test_smoke_times_every_config_on_cpu(tmp_path: Path) -> None:
+    before = _snapshot()
+    payload = bench.main(["--smoke", "--device", "cpu", "--archs", "vit_small"])
+    # the smoke mode writes nothing into benchmarks/results unless --out is given
+    assert _snapshot() == before
+
+    meta, results = payload["meta"], payload["results"]
+    assert meta["smoke"] is True
+    assert meta["torch"] == torch.__version__
+    assert "CPU" in meta["device_name"]
+    assert meta["precision"] == "bf16"
+    assert [r["config"] for r in results] == ["dino", "pwself-mean", "pwself-mean-patchaug"]
+    for r in results:
+        assert r["batch"] == 4 and r["timed_steps"] == 2 and r["oom_batches"] == []
+        assert r["precision"] == "bfloat16"
+        assert r["images_per_s"] > 0
+        # images/s is the timed images over the timed seconds
+        assert r["images_per_s"] * r["s_per_step"] == pytest.approx(r["batch"])
+        assert math.isfinite(r["mean_loss"]) and r["mean_loss"] > 0
+        assert r["crops"] == "2x32 + 2x16" and r["patch_size"] == 8 and r["out_dim"] == 64
+    # head tokens per image: CLS of 4 views (DINO); 2 x (1 + 4 x 4) + 2 x (1 + 2 x 2) (PW-Self)
+    assert results[0]["student_tokens_per_image"] == 4
+    assert results[1]["student_tokens_per_image"] == 44
+    assert [r["patch_aug"] for r in results] == ["none", "none", "authors"]
+    assert [r["loss"] for r in results] == ["dino", "mean", "mean"]
+
+    files = bench.write_results(payload, tmp_path)
+    assert [f.name for f in files] == ["gpu_throughput.json", "gpu_throughput.md"]
+    assert json.loads(files[0].read_text()) == json.loads(json.dumps(payload))
+    md = files[1].read_text()
+    assert "SMOKE RUN" in md and md.count("| vit_small/8 |") == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_refuses_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main([])
+    assert exc.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cpu"])
+    assert exc.value.code == 2
+    assert "--smoke" in capsys.readouterr().err
+
+
+def test_rejects_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--smoke", "--device", "cpu", "--batch-size", "0"])
+    assert exc.value.code == 2
+    assert "--batch-size must be > 0" in capsys.readouterr().err
