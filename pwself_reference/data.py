@@ -14,9 +14,18 @@ Names
     Full Fashion-MNIST (60k/10k) from a directory holding the original idx
     files (``train-images-idx3-ubyte[.gz]``, ...), e.g. Debian's
     ``/usr/share/datasets/fashion-mnist``.
-``cifar10``, ``cifar100``, ``stl10``
-    torchvision datasets under ``root``; downloaded when missing and the
-    network allows. STL-10 pretraining uses ``train+unlabeled``.
+``cifar10``, ``cifar100``
+    The python version of CIFAR under ``root`` (``root/cifar-10-batches-py/``
+    with ``data_batch_1`` ... ``data_batch_5``, ``test_batch``;
+    ``root/cifar-100-python/`` with ``train``, ``test``), read by
+    :func:`load_cifar_arrays` with the restricted unpickler of
+    :mod:`pwself_reference.safe_pickle` (the files are pickles: nothing in them
+    can run code). When missing, the official archive is downloaded and its md5
+    checked (if the network allows), as torchvision does.
+``stl10``
+    torchvision's reader of the STL-10 binary files under ``root``; downloaded
+    when missing and the network allows. STL-10 pretraining uses
+    ``train+unlabeled``.
 ``imagefolder``
     ImageNet-style layout ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*``
     (ImageNet-100 and ImageNet-1K).
@@ -26,13 +35,16 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+from pwself_reference.safe_pickle import RefusedGlobalError, load_plain_pickle
 
 __all__ = [
     "DATASETS",
@@ -42,6 +54,7 @@ __all__ = [
     "build_pretrain_dataset",
     "read_idx",
     "load_fashion_mnist_arrays",
+    "load_cifar_arrays",
 ]
 
 #: Dataset names accepted by :func:`build_labelled_dataset`.
@@ -196,27 +209,208 @@ def _require_dir(root: str | os.PathLike[str] | None, name: str) -> Path:
     return path
 
 
-def _torchvision(name: str, root: Path, split: str | bool, transform: Transform | None) -> Dataset:
+class _CifarSpec(NamedTuple):
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    num_classes: int
+    meta_file: str
+    meta_key: str
+    url: str
+    md5: str
+
+
+#: The python-version CIFAR archives; URLs and archive md5 as in torchvision 0.29's
+#: ``torchvision.datasets.CIFAR10`` / ``CIFAR100``.
+_CIFAR: dict[str, _CifarSpec] = {
+    "cifar10": _CifarSpec(
+        "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+        "labels", 10, "batches.meta", "label_names",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+    ),
+    "cifar100": _CifarSpec(
+        "cifar-100-python", ("train",), ("test",), "fine_labels", 100, "meta", "fine_label_names",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+    ),
+}
+
+
+def _cifar_layout(name: str) -> str:
+    spec = _CIFAR[name]
+    files = spec.train_files + spec.test_files
+    listed = ", ".join(files) if len(files) <= 2 else f"{files[0]} ... {files[-2]}, {files[-1]}"
+    return f"{spec.folder}/{{{listed}}}"
+
+
+def _cifar_dir(name: str, root: Path) -> Path:
+    """``root/<folder>``, or ``root`` itself when it already is that folder."""
+    spec = _CIFAR[name]
+    if not (root / spec.folder).is_dir() and (root / spec.train_files[0]).is_file():
+        return root
+    return root / spec.folder
+
+
+def _entry(batch: dict[Any, Any], key: str, path: Path) -> Any:
+    # Python 2 wrote the keys as str: they load as str with encoding="latin1" and as
+    # bytes with encoding="bytes" (the recipe on the CIFAR page); accept both
+    for k in (key, key.encode("ascii")):
+        if k in batch:
+            return batch[k]
+    raise ValueError(f"{path}: not a CIFAR python batch (no {key!r} key; has {list(batch)[:6]})")
+
+
+def _load_pickle(path: Path, what: str) -> Any:
+    try:
+        return load_plain_pickle(path, encoding="latin1")
+    except RefusedGlobalError as exc:
+        raise RefusedGlobalError(f"{path}: {exc}", exc.module, exc.name) from exc
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise ValueError(f"{path}: not a {what} ({exc})") from exc
+
+
+def _read_cifar_batch(path: Path, spec: _CifarSpec) -> tuple[np.ndarray, np.ndarray]:
+    batch = _load_pickle(path, "CIFAR python batch file")
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
+    data = _entry(batch, "data", path)
+    labels = _entry(batch, spec.label_key, path)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3 * 32 * 32:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' must be a uint8 (N, 3072) array, got {got}")
+    try:
+        labels = np.asarray(labels)
+    except (TypeError, ValueError) as exc:  # ragged nested lists
+        raise ValueError(f"{path}: {spec.label_key!r} must be a list of int labels") from exc
+    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"{path}: {spec.label_key!r} must be {data.shape[0]} int labels, "
+            f"got {labels.dtype} {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise ValueError(f"{path}: {spec.label_key!r} outside [0, {spec.num_classes})")
+    return data, labels.astype(np.int64)
+
+
+def load_cifar_arrays(
+    name: str, root: str | os.PathLike[str], train: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of CIFAR-10/100 from the python-version files (no download).
+
+    The files are pickles of dicts with ``data`` (``(N, 3072)`` uint8, each row
+    the red, green and blue 32x32 planes) and ``labels`` (CIFAR-10) or
+    ``fine_labels`` (CIFAR-100); they are read with
+    :func:`pwself_reference.safe_pickle.load_plain_pickle`, which refuses any
+    pickle that would run code.
+
+    Parameters
+    ----------
+    name : {"cifar10", "cifar100"}
+        Which dataset.
+    root : str or PathLike
+        The directory holding ``cifar-10-batches-py/`` (``data_batch_1`` ...
+        ``data_batch_5``, ``test_batch``) or ``cifar-100-python/`` (``train``,
+        ``test``), or that folder itself.
+    train : bool
+        The 50k training images (``True``) or the 10k test images.
+
+    Returns
+    -------
+    images : np.ndarray
+        ``(N, 32, 32, 3)`` uint8, RGB.
+    labels : np.ndarray
+        ``(N,)`` int64 (fine labels for CIFAR-100).
+
+    Raises
+    ------
+    FileNotFoundError
+        When a file is missing (the message names ``--data-path`` and the layout).
+    pwself_reference.safe_pickle.RefusedGlobalError
+        A :class:`pickle.UnpicklingError`: a file names a global (code) it may not.
+    ValueError
+        When a file does not hold a CIFAR batch.
+
+    Examples
+    --------
+    Needs the extracted ``cifar-10-python.tar.gz``::
+
+        images, labels = load_cifar_arrays("cifar10", "data", train=False)
+        images.shape, labels[:3]  # (10000, 32, 32, 3), array([3, 8, 8])
+    """
+    if name not in _CIFAR:
+        raise ValueError(f"name must be one of {list(_CIFAR)}, got {name!r}")
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be a bool, got {type(train).__name__}")
+    spec = _CIFAR[name]
+    root = Path(root).expanduser()
+    folder = _cifar_dir(name, root)
+    files = spec.train_files if train else spec.test_files
+    for file in files:
+        if not (folder / file).is_file():
+            raise FileNotFoundError(
+                f"data_path: {folder / file} not found; --data-path must be the directory "
+                f"holding the python version of {name} ({_cifar_layout(name)}, "
+                f"extracted from {spec.url})"
+            )
+    parts = [_read_cifar_batch(folder / file, spec) for file in files]
+    data = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    labels = np.concatenate([p[1] for p in parts])
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return images, labels
+
+
+def _cifar_classes(name: str, root: Path) -> tuple[str, ...] | None:
+    """Class names from the ``batches.meta`` / ``meta`` file, ``None`` when absent."""
+    spec = _CIFAR[name]
+    path = _cifar_dir(name, root) / spec.meta_file
+    if not path.is_file():
+        return None
+    meta = _load_pickle(path, "CIFAR meta file")
+    names = _entry(meta, spec.meta_key, path) if isinstance(meta, dict) else None
+    if not isinstance(names, (list, tuple)) or len(names) != spec.num_classes \
+            or not all(isinstance(n, (str, bytes)) for n in names):
+        raise ValueError(f"{path}: {spec.meta_key!r} must be {spec.num_classes} class names")
+    return tuple(n.decode("latin-1") if isinstance(n, bytes) else n for n in names)
+
+
+def _download_cifar(name: str, root: Path) -> None:
+    """Fetch and extract the official archive; torchvision checks its md5 (never unpickles)."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    spec = _CIFAR[name]
+    download_and_extract_archive(spec.url, str(root), filename=spec.url.rsplit("/", 1)[-1],
+                                 md5=spec.md5)
+
+
+def _cifar(name: str, root: Path, train: bool, transform: Transform | None) -> Dataset:
+    try:
+        images, labels = load_cifar_arrays(name, root, train)
+    except FileNotFoundError as missing:
+        try:
+            _download_cifar(name, root)
+        except Exception as exc:  # no network, bad mirror, wrong md5, ...
+            raise FileNotFoundError(f"{missing}; downloading it failed too ({exc})") from exc
+        images, labels = load_cifar_arrays(name, root, train)
+    return ArrayImageDataset(images, labels, transform, _cifar_classes(name, root))
+
+
+def _stl10(root: Path, split: str, transform: Transform | None) -> Dataset:
     from torchvision import datasets
 
-    def make(download: bool) -> Any:
-        if name == "cifar10":
-            return datasets.CIFAR10(str(root), train=bool(split), download=download)
-        if name == "cifar100":
-            return datasets.CIFAR100(str(root), train=bool(split), download=download)
-        return datasets.STL10(str(root), split=str(split), download=download)
-
     try:
-        base = make(False)
+        base = datasets.STL10(str(root), split=split, download=False)
     except RuntimeError:
         try:
-            base = make(True)
+            base = datasets.STL10(str(root), split=split, download=True)
         except Exception as exc:  # no network, bad mirror, ...
             raise FileNotFoundError(
-                f"data_path: {name} not found under {root} and could not be downloaded ({exc})"
+                f"data_path: stl10 not found under {root} and could not be downloaded ({exc}); "
+                "--data-path must hold stl10_binary/ (train_X.bin, train_y.bin, test_X.bin, ...)"
             ) from exc
-    labels = base.labels if name == "stl10" else base.targets
-    return _RGBDataset(base, labels, transform)
+    return _RGBDataset(base, base.labels, transform)
 
 
 def build_labelled_dataset(
@@ -264,10 +458,10 @@ def build_labelled_dataset(
     if name == "fashion-mnist":
         images, labels = load_fashion_mnist_arrays(path, train)
         return ArrayImageDataset(images, labels, transform, FASHION_MNIST_CLASSES)
-    if name in ("cifar10", "cifar100"):
-        return _torchvision(name, path, train, transform)
+    if name in _CIFAR:
+        return _cifar(name, path, train, transform)
     if name == "stl10":
-        return _torchvision(name, path, "train" if train else "test", transform)
+        return _stl10(path, "train" if train else "test", transform)
     from torchvision.datasets import ImageFolder
 
     split_dir = path / ("train" if train else "val")
@@ -289,5 +483,5 @@ def build_pretrain_dataset(
     adds its 100k unlabelled images (``train+unlabeled``, label -1).
     """
     if name == "stl10":
-        return _torchvision(name, _require_dir(root, name), "train+unlabeled", transform)
+        return _stl10(_require_dir(root, name), "train+unlabeled", transform)
     return build_labelled_dataset(name, root, True, transform)

@@ -22,7 +22,6 @@ The scoring follows the revisitop reference exactly:
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pwself_reference.safe_pickle import RefusedGlobalError, load_plain_pickle
 
 __all__ = [
     "average_precision",
@@ -202,32 +203,6 @@ def compute_map(
 
 
 # --------------------------------------------------------------------------- ground truth
-_NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    # protocol-2 pickles store array bytes as latin-1 text re-encoded by this function
-    ("_codecs", "encode"),
-    ("builtins", "bytes"),
-    ("__builtin__", "bytes"),
-}
-
-
-class _GndUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds plain containers and numeric numpy arrays."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _NUMPY_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load global {module}.{name}: a revisitop gnd file holds only "
-            "dicts, lists, strings, numbers and numpy arrays"
-        )
-
-
 def _check_index_list(value: Any, n: int, what: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.dtype == object:
@@ -278,9 +253,12 @@ def load_gnd(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a revisitop ``gnd_<dataset>.pkl`` with a restricted unpickler.
 
     The file format is a pickle, so **only load files from a trusted source**
-    (the revisitop download). As a second line of defence the unpickler refuses
-    every global except numpy's array reconstruction, and the result must have
-    the expected structure.
+    (the revisitop download). As a second line of defence it is read with
+    :func:`pwself_reference.safe_pickle.load_plain_pickle`, which refuses every
+    global except numpy's array reconstruction (a
+    :class:`~pwself_reference.safe_pickle.RefusedGlobalError`, both a
+    :class:`pickle.UnpicklingError` and a :class:`ValueError`, naming the global),
+    and the result must have the expected structure.
 
     Parameters
     ----------
@@ -304,10 +282,13 @@ def load_gnd(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth file not found: {path}")
-    data = path.read_bytes()
     try:
-        cfg = _GndUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
+        cfg = load_plain_pickle(path, encoding="latin1")
+    except RefusedGlobalError as exc:
+        raise RefusedGlobalError(
+            f"{path}: not a revisitop ground-truth file ({exc})", exc.module, exc.name
+        ) from exc
+    except (pickle.UnpicklingError, EOFError) as exc:
         raise ValueError(f"{path}: not a revisitop ground-truth file ({exc})") from exc
     return _validate_gnd(cfg, str(path))
 
