@@ -25,8 +25,10 @@ and a linear probe (DINO's: concatenated CLS of the last 4 blocks, SGD, 100 epoc
 on cached features of the un-augmented images, best of learning rates 0.03, 0.1, 0.3).
 Per-epoch k-NN (k = 20) comes from the training log.
 
-The grid is resumable: a finished run (``result.json``) is skipped, an interrupted
-one continues with ``--resume``; rerun the same command after a kill.
+The grid is resumable: a finished run is skipped (its result is kept both in the
+run directory and in ``benchmarks/results/reproduction_runs/``, which is committed,
+so a grid continues on another machine), an interrupted one continues with
+``--resume``; rerun the same command after a kill.
 
 Usage::
 
@@ -146,18 +148,33 @@ def _train_wall_time(run_dir: Path) -> float:
     return total
 
 
-def do_run(out: Path, arm: str, seed: int, recipe: list[str], threads: int) -> dict:
+def kept_result(results_dir: Path, arm: str, seed: int) -> Path:
+    """The committed copy of a run's result, so a grid continues on another machine."""
+    return results_dir / "reproduction_runs" / f"{arm}-seed{seed}.json"
+
+
+def do_run(out: Path, results_dir: Path, arm: str, seed: int, recipe: list[str],
+           threads: int) -> dict:
     run_dir = out / arm / f"seed{seed}"
-    result_path = run_dir / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
-    t0 = time.perf_counter()
-    if not (run_dir / "final.pth").is_file():
-        train_run(run_dir, arm, seed, recipe, threads)
-    result = {"arm": arm, "seed": seed, **evaluate_run(run_dir, threads)}
-    write_json_atomic(result_path, result)
-    print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: knn20 {result['knn20']:.2f} "
-          f"linear {result['linear']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    kept = kept_result(results_dir, arm, seed)
+    for path in (kept, run_dir / "result.json"):
+        if path.is_file():
+            result = json.loads(path.read_text())
+            if result.get("recipe", recipe) != recipe:
+                raise ValueError(f"{path} was made with the recipe {result['recipe']}, not "
+                                 f"{recipe}; use another --out / --results")
+            break
+    else:
+        t0 = time.perf_counter()
+        if not (run_dir / "final.pth").is_file():
+            train_run(run_dir, arm, seed, recipe, threads)
+        result = {"arm": arm, "seed": seed, "recipe": recipe, **evaluate_run(run_dir, threads)}
+        write_json_atomic(run_dir / "result.json", result)
+        print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: knn20 {result['knn20']:.2f} "
+              f"linear {result['linear']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    if not kept.is_file():
+        write_json_atomic(kept, {"recipe": recipe, **result})
     return result
 
 
@@ -248,7 +265,7 @@ def plot(summary: dict, path: Path) -> None:
 def report(out: Path, results_dir: Path, arms: list[str], seeds: list[int], recipe: list[str],
            wall_s: float | None) -> dict:
     results = [json.loads(p.read_text()) for arm in arms for s in seeds
-               if (p := out / arm / f"seed{s}" / "result.json").is_file()]
+               if (p := kept_result(results_dir, arm, s)).is_file()]
     summary = summarise(results, arms, seeds)
     import torch
 
@@ -298,11 +315,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--arms must include dino (the baseline of every difference)")
     recipe = [a for a in args.recipe if a != "--"] or RECIPE
     t0 = time.perf_counter()
-    if not args.report_only:
+    if args.report_only:  # collect runs finished by an earlier (killed) invocation
+        for arm in args.arms:
+            for s in args.seeds:
+                if (args.out / arm / f"seed{s}" / "result.json").is_file():
+                    do_run(args.out, args.results, arm, s, recipe, args.threads)
+    else:
         # seed-major order: a partial grid still has every arm at the first seeds
         jobs = [(arm, s) for s in args.seeds for arm in args.arms]
         with ThreadPoolExecutor(max_workers=args.workers) as pool:
-            futures = [pool.submit(do_run, args.out, arm, s, recipe, args.threads)
+            futures = [pool.submit(do_run, args.out, args.results, arm, s, recipe, args.threads)
                        for arm, s in jobs]
             for f in futures:
                 f.result()

@@ -33,10 +33,12 @@ flip). Pairs are listed row by row, left to right in the source image.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -81,10 +83,135 @@ class PatchMatch:
         return list(zip(self.idx_a[keep].tolist(), self.idx_b[keep].tolist()))
 
 
+# --------------------------------------------------------------------------- backends
+#
+# The algorithm is written once against a tiny array shim. On CPU the per-line and
+# per-slot stages run on numpy arrays (zero-copy views of the input tensors): an
+# elementwise op on a few thousand numbers costs ~1 us there against ~3-8 us of torch
+# dispatch, and those stages are ~50 such ops. Other devices run the very same code on
+# torch tensors. Both give bit-identical results: every step is an IEEE float64 op
+# (+, -, *, /, floor, ceil, round half to even), a comparison, a table read or exact
+# int64 arithmetic, in the same order. The last stage (one outer sum and one gather
+# into the padded output, memory-bound) always runs in torch, whose kernels are faster
+# than numpy's there.
+
+#: Run the CPU case on numpy. Tests switch it off to compare with the torch path.
+_NUMPY_ON_CPU = True
+
+
+class _NumpyOps:
+    """Array ops of the CPU path, on numpy arrays."""
+
+    floor = staticmethod(np.floor)
+    ceil = staticmethod(np.ceil)
+    rint = staticmethod(np.rint)  # half to even, like torch.round
+    minimum = staticmethod(np.minimum)
+    maximum = staticmethod(np.maximum)
+    where = staticmethod(np.where)
+    isfinite = staticmethod(np.isfinite)
+
+    @staticmethod
+    def clamp_min(x, v, out=None):
+        return np.maximum(x, v, out=out)
+
+    @staticmethod
+    def to_int(x):
+        return x.astype(np.int64)
+
+    @staticmethod
+    def as_float(x):
+        return x if x.dtype.kind == "f" else x.astype(np.float64)
+
+    @staticmethod
+    def flip_views(x):
+        """``x`` with its first axis (views a, b) swapped, as a view."""
+        return x[::-1]
+
+    @staticmethod
+    def stack(a, b, shape: tuple[int, ...]):
+        """``(2, *shape)``: ``a`` and ``b`` broadcast to ``shape``."""
+        out = np.empty((2, *shape), dtype=np.result_type(a, b))
+        out[0] = a
+        out[1] = b
+        return out
+
+    @staticmethod
+    def moveaxis_last_first(x):
+        return x.transpose(-1, *range(x.ndim - 1))
+
+    @staticmethod
+    def permute(x, axes: tuple[int, ...]):
+        return x.transpose(axes)
+
+    @staticmethod
+    def take_columns(table, index):
+        """``table[:, index]``: ``(rows, *index.shape)``."""
+        return np.take(table, index, axis=1)
+
+    @staticmethod
+    def to_torch(x) -> torch.Tensor:
+        return torch.from_numpy(x)
+
+
+class _TorchOps:
+    """The same ops on torch tensors, for every other device."""
+
+    floor = staticmethod(torch.floor)
+    ceil = staticmethod(torch.ceil)
+    rint = staticmethod(torch.round)  # half to even
+    minimum = staticmethod(torch.minimum)
+    maximum = staticmethod(torch.maximum)
+    where = staticmethod(torch.where)
+    isfinite = staticmethod(torch.isfinite)
+
+    @staticmethod
+    def clamp_min(x, v, out=None):
+        return torch.clamp(x, min=v, out=out)
+
+    @staticmethod
+    def to_int(x):
+        return x.to(torch.int64)
+
+    @staticmethod
+    def as_float(x):
+        return x if x.is_floating_point() else x.to(torch.float64)
+
+    @staticmethod
+    def flip_views(x):
+        return x.flip(0)
+
+    @staticmethod
+    def stack(a, b, shape: tuple[int, ...]):
+        return torch.stack([a.expand(shape), b.expand(shape)])
+
+    @staticmethod
+    def moveaxis_last_first(x):
+        return x.movedim(-1, 0)
+
+    @staticmethod
+    def permute(x, axes: tuple[int, ...]):
+        return x.permute(axes)
+
+    @staticmethod
+    def take_columns(table, index):
+        return table.index_select(1, index.reshape(-1)).view(table.shape[0], *index.shape)
+
+    @staticmethod
+    def to_torch(x) -> torch.Tensor:
+        return x
+
+
+def _ops(x):
+    return _NumpyOps if isinstance(x, np.ndarray) else _TorchOps
+
+
 # --------------------------------------------------------------------------- validation
 
 
 def _as_grid(grid: object, name: str) -> tuple[int, int]:
+    if type(grid) is tuple and len(grid) == 2 and type(grid[0]) is int and type(grid[1]) is int:
+        if grid[0] > 0 and grid[1] > 0:  # the common case, without the ABC checks below
+            return grid
     if isinstance(grid, torch.Tensor):
         grid = grid.tolist()
     if isinstance(grid, numbers.Integral) and not isinstance(grid, bool):
@@ -106,7 +233,9 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _as_boxes(box: object, name: str, device: torch.device | None) -> torch.Tensor:
+def _as_boxes(box: object, name: str, device: torch.device | None, xp=_TorchOps):
+    """Checked ``(..., 4)`` boxes in the work dtype: a tensor on ``device`` (default: its
+    own) or, for ``xp=_NumpyOps``, a float64 numpy array."""
     if isinstance(box, torch.Tensor):
         if box.dtype == torch.bool or box.is_complex():
             raise TypeError(f"{name} must hold real numbers, got dtype {box.dtype}")
@@ -118,131 +247,223 @@ def _as_boxes(box: object, name: str, device: torch.device | None) -> torch.Tens
             raise TypeError(f"{name} must be a tensor or sequence of 4 numbers, got {box!r}") from err
         if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must hold real numbers, got {box!r}")
-    if device is not None:
-        t = t.to(device)
     if t.dim() == 0 or t.shape[-1] != 4:
         raise ValueError(f"{name} must have shape (..., 4) as (x0, y0, x1, y1), got {tuple(t.shape)}")
-    t = t.to(_work_dtype(t.device))
-    if not bool(torch.isfinite(t).all()):
+    if xp is _NumpyOps:
+        t = t.detach().cpu()
+        if t.dtype not in _NUMPY_DTYPES:
+            t = t.to(torch.float64)
+        t = t.numpy().astype(np.float64, copy=False)
+    else:
+        if device is not None:
+            t = t.to(device)
+        t = t.to(_work_dtype(t.device))
+    if not bool(xp.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got NaN or inf")
-    if not bool(((t[..., 2] > t[..., 0]) & (t[..., 3] > t[..., 1])).all()):
+    if not bool((t[..., 2:] > t[..., :2]).all()):
         raise ValueError(f"{name} must satisfy x1 > x0 and y1 > y0 for every box")
     return t
 
 
-def _as_flip(flip: object, name: str, device: torch.device) -> torch.Tensor:
+_NUMPY_DTYPES = (torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8)
+
+
+def _as_flip(flip: object, name: str, device: torch.device | None, xp=_TorchOps):
     if isinstance(flip, torch.Tensor):
         if flip.dtype != torch.bool:
             raise TypeError(f"{name} must be a bool tensor, got dtype {flip.dtype}")
-        return flip.to(device)
-    if isinstance(flip, bool):
-        return torch.tensor(flip, device=device)
-    try:
-        import numpy as np
-
-        if isinstance(flip, np.bool_):
-            return torch.tensor(bool(flip), device=device)
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+        return flip.detach().cpu().numpy() if xp is _NumpyOps else flip.to(device)
+    if isinstance(flip, bool | np.bool_):
+        return np.asarray(bool(flip)) if xp is _NumpyOps else torch.tensor(bool(flip), device=device)
     raise TypeError(f"{name} must be a bool or a bool tensor, got {type(flip).__name__}")
 
 
 # --------------------------------------------------------------------------- selection
 #
 # The core works on "lines": (view, axis) with views (a, b) and axes (cols = x,
-# rows = y), stacked as (..., 2, 2) so that every step is one tensor op for all
-# four lines. ``lo``/``hi`` are the crop's extent on that axis, ``n`` its number
-# of patches, ``i0``/``i1`` the intersection's extent (shared by both views).
+# rows = y), stacked as (view, axis, N) with the flattened batch N last, so that every
+# step is one array op for all lines with long contiguous inner loops. ``lo``/``hi``
+# are the crop's extent on that axis, ``n`` its number of patches, ``i0``/``i1`` the
+# intersection's extent (shared by both views). Patch indices stay float64 (exact
+# small integers) until the token parts. Entries that no output slot reads (lines with
+# nothing selected, slots past the selection) may hold any value.
 
 
-def _select_half(lo, hi, i0, i1, n):
+def _select_half(xp, lo, hi, i0, i1, n, n2):
     """Contiguous range ``[start, start + count)`` of patches more than half covered.
 
     Patch ``k`` spans ``[lo + k w, lo + (k + 1) w)`` with ``w = L / n``. It is more than
     half covered by ``[i0, i1)`` iff its centre lies strictly inside and ``i1 - i0 > w / 2``.
-    Scaled by ``2 n`` the centre test reads ``a0 < (2k + 1) L < a1`` with
+    Scaled by ``2 n`` (``n2``) the centre test reads ``a0 < (2k + 1) L < a1`` with
     ``a = 2 n (i - lo)``: integers for integer boxes, so the closed form below is exact
     (an exact tie, ``(2k + 1) L == a``, is excluded).
     """
     length = hi - lo
-    a0 = 2 * n * (i0 - lo) / length
-    a1 = 2 * n * (i1 - lo) / length
-    first = (torch.floor((a0 - 1) / 2) + 1).clamp(min=0)
-    stop = torch.minimum(torch.ceil((a1 - 1) / 2), n)
-    wide = 2 * n * (i1 - i0) > length
-    count = torch.where(wide, (stop - first).clamp(min=0), torch.zeros_like(first))
-    return first.to(torch.int64), count.to(torch.int64)
+    # in place, in the order of first = floor((a0 - 1) / 2) + 1, stop = ceil((a1 - 1) / 2)
+    first = i0 - lo
+    first *= n2
+    first /= length
+    first -= 1
+    first /= 2
+    xp.floor(first, out=first)
+    first += 1  # >= 0 as i0 >= lo
+    stop = i1 - lo
+    stop *= n2
+    stop /= length
+    stop -= 1
+    stop /= 2
+    xp.ceil(stop, out=stop)
+    xp.minimum(stop, n, out=stop)
+    wide = n2 * (i1 - i0) > length
+    stop -= first
+    count = xp.clamp_min(stop, 0, out=stop)
+    count *= wide
+    # a line whose intersection starts past its end has nothing selected: bound its start
+    return xp.minimum(first, n, out=first), count
 
 
-def _select_official(lo, hi, i0, i1, n):
+def _select_official(xp, lo, hi, i0, i1, n):
     """The authors' rounded start and length, in their float order, clamped to ``[0, n]``."""
     span = hi - lo
-    start = torch.round(n * ((i0 - lo) / span))
-    length = torch.round(n * ((i1 - i0) / span))
-    end = torch.minimum(start + length, n)
-    start = torch.minimum(start, n)
-    return start.to(torch.int64), (end - start).clamp(min=0).to(torch.int64)
+    start = xp.rint(n * ((i0 - lo) / span))
+    length = xp.rint(n * ((i1 - i0) / span))
+    end = xp.minimum(start + length, n)
+    start = xp.minimum(start, n)
+    return start, xp.clamp_min(end - start, 0)
 
 
 def _subsample(i, n_big, n_small, official: bool):
-    """Index into a selection of ``n_big`` for slot ``i`` of ``n_small`` (first and last matched)."""
+    """Index into a selection of ``n_big`` for slot ``i`` of ``n_small`` (first and last matched).
+
+    Float64 (exact integers) for integer or float64 inputs, numpy arrays or tensors.
+    """
+    xp = _ops(i)
+    i, n_big, n_small = xp.as_float(i), xp.as_float(n_big), xp.as_float(n_small)
     if official:
         # numpy's floor(linspace(0, n_big - 1, n_small)): i * step in float64, last = stop
-        step = (n_big - 1).to(torch.float64) / (n_small - 1).clamp(min=1).to(torch.float64)
-        value = torch.floor(i.to(torch.float64) * step).to(torch.int64)
-        return torch.where((i == n_small - 1) & (n_small > 1), n_big - 1, value)
+        step = (n_big - 1) / xp.clamp_min(n_small - 1, 1)
+        value = i * step
+        xp.floor(value, out=value)
+        return xp.where((i == n_small - 1) & (n_small > 1), n_big - 1, value)
     # floor of a quotient of small integers: exact in float64 (a non-integer quotient is at
     # least 1 / (n_small - 1) away from the next integer), and cheaper than integer division
-    num = (i * (n_big - 1)).to(torch.float64)
-    return torch.floor(num / (n_small - 1).clamp(min=1)).to(torch.int64)
+    value = i * (n_big - 1)  # in place from here: these are the big arrays
+    value /= xp.clamp_min(n_small - 1, 1)
+    return xp.floor(value, out=value)
 
 
-def _centre_index(src_lo, src_hi, n_src, dst_lo, dst_hi, n_dst, k):
-    """Patch of the dst line whose extent contains the centre of patch ``k`` of the src line."""
-    centre = src_lo + (k.to(src_lo.dtype) + 0.5) * (src_hi - src_lo) / n_src
-    idx = torch.floor((centre - dst_lo) * n_dst / (dst_hi - dst_lo)).to(torch.int64)
-    return torch.minimum(idx, n_dst.to(torch.int64) - 1).clamp(min=0)
+def _lines(xp, lo, hi, consts, rule: str) -> dict:
+    """What each line selects. ``lo``, ``hi``: ``(view, axis, N)``, on numpy or torch.
 
-
-def _line_pairs(lo, hi, n, k_max: int, rule: str):
-    """Pairs on each axis. ``lo``, ``hi``: ``(..., view, axis)``; ``n``: ``(2, 2)`` patch counts.
-
-    Returns ``n_small`` ``(..., 2)`` (pairs per axis) and ``p`` ``(..., 2, 2, k_max)``:
-    the source-orientation patch index of each view and axis for slot ``i``.
+    Returns ``start``, ``count`` ``(view, axis, N)`` and ``n_small`` ``(axis, N)`` (pairs
+    per axis), float64; for ``"centre"`` also ``query`` ``(view, axis, N)`` (the view
+    whose selection is kept, exactly one per axis) and, per axis, the query line
+    (``src_*``) and the other line (``dst_*``).
     """
-    # intersection per axis, (..., 1, 2); elementwise ops beat reductions over a dim of 2
-    i0 = torch.maximum(lo[..., :1, :], lo[..., 1:, :])
-    i1 = torch.minimum(hi[..., :1, :], hi[..., 1:, :])
+    n = consts["n"]
+    # intersection per axis, (1, axis, N); elementwise ops beat reductions over a dim of 2
+    i0 = xp.maximum(lo[:1], lo[1:])
+    i1 = xp.minimum(hi[:1], hi[1:])
     inter = i1 > i0
-    overlaps = (inter[..., :1] & inter[..., 1:])  # (..., 1, 1): empty on one axis = empty
-    select = _select_official if rule == "official" else _select_half
-    start, count = select(lo, hi, i0, i1, n)
-    count = torch.where(overlaps, count, torch.zeros_like(count))
-    n_small = torch.minimum(count[..., 0, :], count[..., 1, :])  # (..., 2)
-    i = torch.arange(k_max, device=lo.device)
+    overlaps = inter[:, :1] & inter[:, 1:]  # (1, 1, N): empty on one axis = empty
+    if rule == "official":
+        start, count = _select_official(xp, lo, hi, i0, i1, n)
+    else:
+        start, count = _select_half(xp, lo, hi, i0, i1, n, consts["n2"])
+    count = count * overlaps
+    out = {"start": start, "count": count, "n_small": xp.minimum(count[0], count[1])}
     if rule == "centre":
         # query = line with fewer selected patches; on a tie, the finer patches, then view a
-        c_o = count.flip(-2)
+        c_o = xp.flip_views(count)
         width = (hi - lo) / n
-        w_o = width.flip(-2)
-        first = torch.tensor([[True], [False]], device=lo.device)
-        query = (count < c_o) | ((count == c_o) & ((width < w_o) | ((width == w_o) & first)))
-        q = start.unsqueeze(-1) + i
-        lo_, hi_ = lo.unsqueeze(-1), hi.unsqueeze(-1)
-        n_ = n.unsqueeze(-1)
-        to_other = _centre_index(lo_, hi_, n_, lo_.flip(-3), hi_.flip(-3), n_.flip(-3), q)
-        return n_small, torch.where(query.unsqueeze(-1), q, to_other.flip(-3))
-    p = start.unsqueeze(-1) + _subsample(i, count.unsqueeze(-1), n_small.unsqueeze(-2).unsqueeze(-1),
-                                        rule == "official")
-    return n_small, p
+        w_o = xp.flip_views(width)
+        query = (count < c_o) | ((count == c_o) & ((width < w_o) | ((width == w_o) & consts["first"])))
+        qa = query[0]
+        src_lo, dst_lo = xp.where(qa, lo[0], lo[1]), xp.where(qa, lo[1], lo[0])
+        src_hi, dst_hi = xp.where(qa, hi[0], hi[1]), xp.where(qa, hi[1], hi[0])
+        n_dst = xp.where(qa, n[1], n[0])
+        out.update(query=query, src_start=xp.where(qa, start[0], start[1]), src_lo=src_lo,
+                   src_width=src_hi - src_lo, src_n=xp.where(qa, n[0], n[1]), dst_lo=dst_lo,
+                   dst_width=dst_hi - dst_lo, dst_n=n_dst, dst_last=n_dst - 1)
+    return out
+
+
+def _slot_tokens(xp, lines: dict, consts, flips, rule: str, cls: bool):
+    """Token parts ``(slot, view, axis, N)`` (int64) of each line at slot ``i < k_max``.
+
+    A matched pair of row slot ``r`` and column slot ``c`` of a view is token
+    ``parts[r, view, 1] + parts[c, view, 0]``: ``cls + row * cols`` on the row axis and
+    the column as the network sees it (``cols - 1 - col`` when flipped) on the column
+    axis. ``lines`` is the output of :func:`_lines`, ``flips`` ``(view, 1, N)`` bool.
+    The slot axis comes first: numpy broadcasts fastest along whole contiguous blocks.
+    Slots run to ``k_max`` inclusive; the caller turns the one past each axis's last slot
+    into the sentinel 0.
+    """
+    # token part = index * mult + add, per line (int64)
+    mult = consts["mult"] + consts["mult_flip"] * flips  # (view, axis, N)
+    add = consts["add_flip"] * flips
+    if cls:
+        add += consts["add_cls"]
+    slots = consts["slots"]  # (k_max + 1, 1, 1, 1)
+    if rule != "centre":
+        # subsample(slot, count, n_small) of every line, read from its cached table
+        key = xp.to_int(lines["count"] * slots.shape[0] + lines["n_small"])  # (view, axis, N)
+        x = xp.take_columns(consts[f"sub_{rule}"], key)  # int64
+        x *= mult
+        x += xp.to_int(lines["start"]) * mult + add  # index = start + subsample
+        return x
+    # the query line keeps its patches; the other line takes the patch that contains
+    # the centre of each: (slot, axis, N). In place, in the order of the closed form
+    # floor((lo_s + (k + 0.5) * width_s / n_s - lo_d) * n_d / width_d).
+    q = lines["src_start"] + slots[..., 0]
+    x = q + 0.5
+    x *= lines["src_width"]
+    x /= lines["src_n"]
+    x += lines["src_lo"]  # centre of patch k of the query line
+    x -= lines["dst_lo"]
+    x *= lines["dst_n"]
+    x /= lines["dst_width"]
+    xp.floor(x, out=x)
+    xp.minimum(x, lines["dst_last"], out=x)
+    x = xp.where(lines["query"], q[:, None], xp.clamp_min(x, 0, out=x)[:, None])
+    x *= mult  # exact small integers in float64
+    x += add
+    return xp.to_int(x)
 
 
 @functools.lru_cache(maxsize=64)
-def _grid_tensors(cols_a: int, rows_a: int, cols_b: int, rows_b: int, device: torch.device,
-                  dtype: torch.dtype):
-    """Patch counts ``(view, axis)`` as ``dtype`` and column counts ``(view, 1)`` as int64."""
-    n = torch.tensor([[cols_a, rows_a], [cols_b, rows_b]], device=device, dtype=dtype)
-    return n, torch.tensor([[cols_a], [cols_b]], device=device)
+def _grid_consts(cols_a: int, rows_a: int, cols_b: int, rows_b: int, device: torch.device,
+                 dtype: torch.dtype, as_numpy: bool):
+    """Per-grid constants, as tensors on ``device`` or numpy arrays."""
+    n = torch.tensor([[cols_a, rows_a], [cols_b, rows_b]], device=device, dtype=dtype)[..., None]
+    k_max = max(min(rows_a, rows_b), min(cols_a, cols_b))
+    out = {
+        "n": n,  # (view, axis, 1) patch counts
+        "n2": 2 * n,
+        "first": torch.tensor([True, False], device=device)[:, None, None],  # view a
+        "slots": torch.arange(k_max + 1, device=device, dtype=dtype)[:, None, None, None],
+        # token part of index k on each line: k * (mult + mult_flip * flip)
+        # + add_flip * flip + add_cls * cls, (view, axis, 1)
+        "mult": torch.tensor([[1, cols_a], [1, cols_b]], device=device)[..., None],
+        "mult_flip": torch.tensor([[-2, 0], [-2, 0]], device=device)[..., None],
+        "add_flip": torch.tensor([[cols_a - 1, 0], [cols_b - 1, 0]], device=device)[..., None],
+        "add_cls": torch.tensor([[0, 1], [0, 1]], device=device)[..., None],
+    }
+    # subsample(slot, count, n_small) for every count <= the largest side and n_small <= k_max,
+    # (slot, count * (k_max + 1) + n_small): per line one table read instead of arithmetic
+    i, count, n_small = torch.broadcast_tensors(
+        torch.arange(k_max + 1, device=device, dtype=dtype)[:, None, None],
+        torch.arange(max(rows_a, cols_a, rows_b, cols_b) + 1, device=device, dtype=dtype)[:, None],
+        torch.arange(k_max + 1, device=device, dtype=dtype))
+    for rule in ("half", "official"):
+        sub = _subsample(i, count, n_small, rule == "official")
+        out[f"sub_{rule}"] = sub.reshape(k_max + 1, -1).to(torch.int64)
+    if as_numpy:
+        out = {k: v.numpy() for k, v in out.items()}
+        for v in out.values():
+            v.flags.writeable = False  # shared by every call
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -250,19 +471,21 @@ def _slot_tables(max_rows: int, max_cols: int, cls: bool, device: torch.device):
     """Where each output slot reads its token, for every ``(n_rows, n_cols)``.
 
     Returns ``where`` (int64) and ``valid`` (bool) tables of shape
-    ``((max_rows + 1) * (max_cols + 1), M)``, row ``n_rows * (max_cols + 1) + n_cols``: ``where`` indexes a flattened
-    ``(max_rows + 1, max_cols + 1)`` token grid whose entry ``[0, 0]`` is a sentinel
-    holding token 0. The CLS slot and the empty slots read the sentinel, so a single
-    gather gives the padded output with no masking pass.
+    ``((max_rows + 1) * (max_cols + 1), M)``, row ``n_rows * (max_cols + 1) + n_cols``:
+    ``where`` indexes a flattened ``(max_rows + 1, max_cols + 1)`` token grid (pairs of
+    row and column slots) whose last entry is a sentinel holding token 0. The CLS slot
+    and the empty slots read the sentinel, so a single gather gives the padded output
+    with no masking pass.
     """
     m = torch.arange(max_rows * max_cols, device=device)
     n_r = torch.arange(max_rows + 1, device=device).view(-1, 1, 1)
     n_c = torch.arange(max_cols + 1, device=device).view(1, -1, 1).clamp(min=1)
     div = torch.div(m, n_c, rounding_mode="floor")
     valid = m < n_r * n_c * (torch.arange(max_cols + 1, device=device).view(1, -1, 1) > 0)
-    where = torch.where(valid, (div + 1) * (max_cols + 1) + (m - div * n_c + 1), 0)
+    sentinel = (max_rows + 1) * (max_cols + 1) - 1
+    where = torch.where(valid, div * (max_cols + 1) + (m - div * n_c), sentinel)
     if cls:
-        where = F.pad(where, (1, 0))
+        where = F.pad(where, (1, 0), value=sentinel)
         valid = F.pad(valid, (1, 0), value=True)
     # flat over (n_rows, n_cols) for a cheap index_select
     return where.flatten(0, 1), valid.flatten(0, 1)
@@ -306,7 +529,7 @@ def match_patches(
         ``idx_a``, ``idx_b`` (int64) and ``valid`` (bool) of shape ``(..., M)`` with
         ``M = cls + min(rows_a, rows_b) * min(cols_a, cols_b)``, on the boxes' device.
         Computed without loops over samples and without host-device syncs beyond
-        input validation.
+        input validation (on CPU, most of it runs in numpy: same results, less overhead).
 
     Examples
     --------
@@ -324,43 +547,56 @@ def match_patches(
     rows_b, cols_b = _as_grid(grid_b, "grid_b")
 
     device = next((t.device for t in (box_a, box_b) if isinstance(t, torch.Tensor)), None)
-    ba = _as_boxes(box_a, "box_a", device)
-    bb = _as_boxes(box_b, "box_b", ba.device)
-    fa = _as_flip(flip_a, "flip_a", ba.device)
-    fb = _as_flip(flip_b, "flip_b", ba.device)
+    xp = _NumpyOps if _NUMPY_ON_CPU and (device is None or device.type == "cpu") else _TorchOps
+    ba = _as_boxes(box_a, "box_a", device, xp)
+    dev = torch.device("cpu") if xp is _NumpyOps else ba.device
+    bb = _as_boxes(box_b, "box_b", dev, xp)
+    if xp is _TorchOps:  # integer outputs: no graph (and in-place steps below)
+        ba, bb = ba.detach(), bb.detach()
+    fa = _as_flip(flip_a, "flip_a", dev, xp)
+    fb = _as_flip(flip_b, "flip_b", dev, xp)
     try:
-        batch = torch.broadcast_shapes(ba.shape[:-1], bb.shape[:-1], fa.shape, fb.shape)
-    except RuntimeError as err:
+        batch = np.broadcast_shapes(ba.shape[:-1], bb.shape[:-1], fa.shape, fb.shape)
+    except ValueError as err:
         raise ValueError(
             "box_a (..., 4), box_b (..., 4), flip_a (...) and flip_b (...) must have "
             f"broadcastable leading shapes, got {tuple(ba.shape)}, {tuple(bb.shape)}, "
             f"{tuple(fa.shape)}, {tuple(fb.shape)}"
         ) from err
-    dev = ba.device
-    boxes = torch.stack([ba.expand(*batch, 4), bb.expand(*batch, 4)], -2)  # (..., 2, 4)
-    flips = torch.stack([fa.expand(batch), fb.expand(batch)], -1)  # (..., 2)
-    lo = boxes[..., :2]  # (..., view, axis) with axis 0 = cols (x), 1 = rows (y)
-    hi = boxes[..., 2:]
-    n, cols = _grid_tensors(cols_a, rows_a, cols_b, rows_b, dev, boxes.dtype)
-
     max_rows, max_cols = min(rows_a, rows_b), min(cols_a, cols_b)
-    n_small, p = _line_pairs(lo, hi, n, max(max_rows, max_cols), rule)
-    offset = 1 if cls else 0
-    row_tok = p[..., 1, :max_rows] * cols + offset  # (..., view, max_rows)
-    col_src = p[..., 0, :max_cols]
-    # flipped view: source column c is seen at token column cols - 1 - c
-    col_tok = torch.where(flips.unsqueeze(-1), cols - 1 - col_src, col_src)
-    # token grid (..., view, 1 + max_rows, 1 + max_cols) with a token-0 sentinel row and
-    # column; slot m reads pair (m // n_cols, m % n_cols) of it through a static table
-    row_tok = F.pad(row_tok, (1, 0))
-    col_tok = F.pad(col_tok, (1, 0))
-    grid = (row_tok.unsqueeze(-1) + col_tok.unsqueeze(-2)).flatten(-2)  # [0, 0] holds 0
+    consts = _grid_consts(cols_a, rows_a, cols_b, rows_b, dev, _work_dtype(dev), xp is _NumpyOps)
+    size = math.prod(batch)
+    with np.errstate(all="ignore"):  # torch never warns; absurd boxes (~1e308) overflow alike
+        # batch last, flat: (view, 4, N) and (view, 1, N)
+        ba, bb = (b.reshape((1,) * (len(batch) + 1 - b.ndim) + tuple(b.shape)) for b in (ba, bb))
+        boxes = xp.stack(xp.moveaxis_last_first(ba), xp.moveaxis_last_first(bb), (4, *batch))
+        boxes = boxes.reshape(2, 4, size)
+        flips = xp.stack(fa, fb, batch).reshape(2, 1, size)
+        # lo, hi: (view, axis, N) with axis 0 = cols (x), 1 = rows (y)
+        lines = _lines(xp, boxes[:, :2], boxes[:, 2:], consts, rule)
+        n_small = lines["n_small"]
+        key = xp.to_torch(xp.to_int(n_small[1] * (max_cols + 1) + n_small[0]))  # n_rows, n_cols
+        # (slot, view, axis, N); slot max_rows (max_cols) of the row (column) parts is the
+        # sentinel 0 (also when max_rows < k_max)
+        parts = _slot_tokens(xp, lines, consts, flips, rule, cls)
+        del lines  # free what is no longer needed early: its memory is still in cache
+        parts[max_rows, :, 1] = 0
+        parts[max_cols, :, 0] = 0
+        row_part = xp.permute(parts[:max_rows + 1, :, 1], (1, 2, 0))  # (view, N, slot)
+        col_part = xp.permute(parts[:max_cols + 1, :, 0], (1, 2, 0))
+    # token grid (view, N, (1 + max_rows) * (1 + max_cols)) of every pair of row and
+    # column slots, whose last entry is the sentinel 0; slot m reads pair
+    # (m // n_cols, m % n_cols) or the sentinel through a static table
+    grid = torch.empty(2, size, max_rows + 1, max_cols + 1, dtype=torch.int64, device=dev)
+    torch.add(xp.to_torch(row_part).unsqueeze(-1), xp.to_torch(col_part).unsqueeze(-2), out=grid)
+    grid = grid.view(2, size, (max_rows + 1) * (max_cols + 1))
+    del parts, row_part, col_part
     tab_where, tab_valid = _slot_tables(max_rows, max_cols, cls, dev)
-    key = (n_small[..., 1] * (max_cols + 1) + n_small[..., 0]).flatten()  # n_rows, n_cols
-    at = tab_where.index_select(0, key).view(*batch, -1)
-    valid = tab_valid.index_select(0, key).view(*batch, -1)
-    idx = grid.gather(-1, at.unsqueeze(-2).expand(*batch, 2, at.shape[-1]))
-    return PatchMatch(idx_a=idx[..., 0, :], idx_b=idx[..., 1, :], valid=valid)
+    slots = tab_where.shape[-1]  # M (explicit sizes: an empty batch works too)
+    at = tab_where.index_select(0, key)
+    valid = tab_valid.index_select(0, key).view(*batch, slots)
+    idx = grid.gather(-1, at.expand(2, size, slots)).view(2, *batch, slots)
+    return PatchMatch(idx_a=idx[0], idx_b=idx[1], valid=valid)
 
 
 def patch_centres(box: BoxLike, grid: tuple[int, int] | int, flip: FlipLike = False) -> torch.Tensor:

@@ -63,11 +63,27 @@ def test_tables_list_every_arm_with_signed_differences():
 
 
 def test_finished_run_is_not_trained_again(tmp_path):
-    run = tmp_path / "mean" / "seed4"
+    run = tmp_path / "runs" / "mean" / "seed4"
     run.mkdir(parents=True)
     (run / "result.json").write_text(json.dumps(fake("mean", 4, 61)))
+    results = tmp_path / "results"
     # a recipe that cannot run: train.py would fail if it were launched
-    assert rep.do_run(tmp_path, "mean", 4, ["--no-such-flag"], 1)["knn20"] == 61
+    assert rep.do_run(tmp_path / "runs", results, "mean", 4, ["--no-such-flag"], 1)["knn20"] == 61
+    # ... and the result is kept with the committed results
+    kept = json.loads(rep.kept_result(results, "mean", 4).read_text())
+    assert kept["knn20"] == 61 and kept["recipe"] == ["--no-such-flag"]
+
+
+def test_kept_result_continues_a_grid_on_another_machine(tmp_path):
+    results = tmp_path / "results"
+    path = rep.kept_result(results, "sum", 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"recipe": ["--epochs", "3"], **fake("sum", 1, 44)}))
+    empty_runs = tmp_path / "fresh"
+    assert rep.do_run(empty_runs, results, "sum", 1, ["--epochs", "3"], 1)["knn20"] == 44
+    assert not empty_runs.exists()
+    with pytest.raises(ValueError, match="recipe"):
+        rep.do_run(empty_runs, results, "sum", 1, ["--epochs", "4"], 1)
 
 
 def test_tiny_grid_trains_evaluates_and_reports(tmp_path):
@@ -80,6 +96,7 @@ def test_tiny_grid_trains_evaluates_and_reports(tmp_path):
               "--seeds", "0", "--workers", "2", "--", *recipe])
     data = json.loads((results / "reproduction.json").read_text())
     assert data["meta"]["runs_done"] == 2 and data["meta"]["recipe"] == recipe
+    assert rep.kept_result(results, "dino", 0).is_file()
     for run in data["runs"]:
         for key in ("knn10", "knn20", "linear"):
             assert 0.0 <= run[key] <= 100.0
