@@ -55,9 +55,13 @@ __all__ = [
     "contrast",
     "saturation",
     "hue",
+    "hue_offsets",
+    "hue_with_offsets",
     "grayscale",
     "solarize",
     "gaussian_blur",
+    "blur_matrices",
+    "blur_with_matrices",
     "gaussian_kernel1d",
     "gaussian_noise",
     "posterize",
@@ -76,7 +80,13 @@ _CPU_LARGE_BLOCK_PIXELS = 1 << 17
 # --------------------------------------------------------------------------------------------
 # layout
 # --------------------------------------------------------------------------------------------
-def patchify(images: Tensor, patch_size: int, dtype: torch.dtype | None = None) -> Tensor:
+def patchify(
+    images: Tensor,
+    patch_size: int,
+    dtype: torch.dtype | None = None,
+    *,
+    out: Tensor | None = None,
+) -> Tensor:
     """Cut images into non-overlapping square patches, one row per patch.
 
     Parameters
@@ -86,12 +96,15 @@ def patchify(images: Tensor, patch_size: int, dtype: torch.dtype | None = None) 
     patch_size : int
         Side ``p`` of a patch in pixels.
     dtype : torch.dtype, optional
-        dtype of the copy (default: that of ``images``).
+        dtype of the copy (default: that of ``images``, or of ``out``).
+    out : Tensor, optional
+        Contiguous ``(B * N, C, p, p)`` tensor to write into (its dtype wins over ``dtype``),
+        e.g. a buffer reused for successive blocks of images.
 
     Returns
     -------
     Tensor
-        ``(B * N, C, p, p)`` new contiguous tensor (never a view of ``images``),
+        ``(B * N, C, p, p)`` new contiguous tensor (never a view of ``images``), or ``out``;
         ``N = (H // p) * (W // p)``; patch ``n`` of image ``b`` is row ``b * N + n`` and
         patches are numbered row-major (ViT token order).
 
@@ -107,14 +120,26 @@ def patchify(images: Tensor, patch_size: int, dtype: torch.dtype | None = None) 
             f"images: height and width must be multiples of patch_size={patch_size}, got {h}x{w}"
         )
     gh, gw = h // patch_size, w // patch_size
-    out = images.new_empty((b * gh * gw, c, patch_size, patch_size), dtype=dtype)
+    shape = (b * gh * gw, c, patch_size, patch_size)
+    if out is None:
+        out = images.new_empty(shape, dtype=dtype)
+    elif tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(
+            f"out: expected a contiguous tensor of shape {shape}, got {tuple(out.shape)}"
+        )
     src = images.reshape(b, c, gh, patch_size, gw, patch_size).permute(0, 2, 4, 1, 3, 5)
     out.view(b, gh, gw, c, patch_size, patch_size).copy_(src)
     return out
 
 
 def unpatchify(
-    patches: Tensor, batch: int, height: int, width: int, dtype: torch.dtype | None = None
+    patches: Tensor,
+    batch: int,
+    height: int,
+    width: int,
+    dtype: torch.dtype | None = None,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Inverse of :func:`patchify`.
 
@@ -125,12 +150,16 @@ def unpatchify(
     batch, height, width : int
         ``B``, ``H`` and ``W`` of the image batch to rebuild.
     dtype : torch.dtype, optional
-        dtype of the result (default: that of ``patches``).
+        dtype of the result (default: that of ``patches``, or of ``out``).
+    out : Tensor, optional
+        ``(B, C, H, W)`` tensor to write into; any layout whose last two dimensions can be
+        split into patch rows and columns by ``view``, e.g. a slice of rows of a contiguous
+        batch.
 
     Returns
     -------
     Tensor
-        ``(B, C, H, W)``, a new contiguous tensor.
+        ``(B, C, H, W)``, a new contiguous tensor, or ``out``.
 
     Examples
     --------
@@ -141,7 +170,12 @@ def unpatchify(
     """
     _, c, p, _ = patches.shape
     gh, gw = height // p, width // p
-    out = patches.new_empty((batch, c, height, width), dtype=dtype)
+    if out is None:
+        out = patches.new_empty((batch, c, height, width), dtype=dtype)
+    elif tuple(out.shape) != (batch, c, height, width):
+        raise ValueError(
+            f"out: expected shape {(batch, c, height, width)}, got {tuple(out.shape)}"
+        )
     src = patches.reshape(batch, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5)
     out.view(batch, c, gh, p, gw, p).copy_(src)
     return out
@@ -165,7 +199,15 @@ def cpu_block_patches(x: Tensor) -> int:
 
 def _col(values: Tensor, like: Tensor) -> Tensor:
     """Per-patch ``(K,)`` parameters as ``(K, 1, 1, 1)`` in ``like``'s dtype and device."""
-    return values.to(device=like.device, dtype=like.dtype).reshape(-1, 1, 1, 1)
+    if values.dtype != like.dtype or values.device != like.device:
+        values = values.to(device=like.device, dtype=like.dtype)
+    return values.view(-1, 1, 1, 1) if values.is_contiguous() else values.reshape(-1, 1, 1, 1)
+
+
+@lru_cache(maxsize=16)
+def _gray_weights(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(3,)`` luma weights."""
+    return torch.tensor(_GRAY_WEIGHTS, dtype=dtype, device=device)
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -236,14 +278,14 @@ def contrast(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
     """
     f = _col(factor, x)
     # the mean luma is the luma of the channel means: no luma image needed
-    mean = x.mean(dim=(-2, -1), keepdim=True)  # (K, C, 1, 1)
     if x.shape[1] == 3:
-        mean = _gray(mean)
+        mean = torch.mv(x.mean(dim=(-2, -1)), _gray_weights(x.dtype, x.device))  # (K,)
     else:
-        mean = mean.mean(dim=-3, keepdim=True)
-    shift = mean * (1 - f)
-    out = x if inplace else torch.empty_like(x)
-    return torch.addcmul(shift, x, f, out=out).clamp_(0.0, 1.0)
+        mean = x.mean(dim=(-3, -2, -1))
+    shift = mean.view(-1, 1, 1, 1) * (1 - f)
+    # multiply, then add: torch.addcmul with a broadcast first operand is several times slower
+    out = x.mul_(f) if inplace else torch.mul(x, f)
+    return out.add_(shift).clamp_(0.0, 1.0)
 
 
 def saturation(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
@@ -274,14 +316,10 @@ def saturation(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
     """
     if x.shape[1] != 3:
         return x if inplace else x.clone()
-    f = _col(factor, x)
-    keep = 1 - f  # (1 - f) * gray, with the per-patch weights folded into the luma weights
-    r, g, b = x.unbind(1)
-    other = torch.mul(r, keep.view(-1, 1, 1) * _GRAY_WEIGHTS[0])
-    other.addcmul_(g, keep.view(-1, 1, 1) * _GRAY_WEIGHTS[1])
-    other.addcmul_(b, keep.view(-1, 1, 1) * _GRAY_WEIGHTS[2])
-    out = x if inplace else torch.empty_like(x)
-    return torch.addcmul(other.unsqueeze(1), x, f, out=out).clamp_(0.0, 1.0)
+    # x + (1 - f) (gray - x) in one pass (torch.lerp; exact for f = 1)
+    gray = _gray(x)
+    out = x if inplace else x.clone()
+    return out.lerp_(gray, 1 - _col(factor, x)).clamp_(0.0, 1.0)
 
 
 def hue(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
@@ -293,16 +331,18 @@ def hue(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
     hexagon, so each output channel is ``v - d * clamp(D - 1, 0, 1)`` where ``D`` is the
     circular distance (in sextants) from the shifted hue to the channel's centre (0, 2, 4 for
     R, G, B), a closed form of the HSV to RGB map; it is evaluated multiplied through by
-    ``d``, without any division. Kornia's chroma is ``v * s`` with
-    ``s = d / (v + 1e-8)``, which differs from ``d`` by less than ``1e-8``. One-channel
-    patches come back unchanged.
+    ``d``, without any division (see :func:`hue_offsets`). Kornia's chroma is ``v * s`` with
+    ``s = d / (v + 1e-8)``, which differs from ``d`` by less than ``1e-8``. Every output
+    value lies in ``[0, v]`` (``v`` the pixel's maximum) and is at least the pixel's minimum
+    up to rounding. One-channel patches come back unchanged.
 
     Parameters
     ----------
     x : Tensor
         ``(K, C, p, p)`` in ``[0, 1]``.
     factor : Tensor
-        ``(K,)`` hue shift in turns, torchvision's convention (``[-0.5, 0.5]``).
+        ``(K,)`` hue shift in turns, torchvision's convention (``[-0.5, 0.5]``; any value
+        works, modulo 1).
     inplace : bool
         Write into ``x``.
 
@@ -319,59 +359,120 @@ def hue(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
     tensor([0., 1., 0.])
     """
     out = x if inplace else x.clone()
-    n = x.shape[0]
-    if x.shape[1] != 3 or n == 0:
+    if x.shape[1] != 3 or x.shape[0] == 0:
         return out
-    # About 36 elementwise passes over (K, p, p) planes: on the CPU, run them on blocks of
-    # patches that stay in cache; one workspace for every temporary plane, reused per block.
-    block = min(n, cpu_block_patches(x))
-    work = x.new_empty((8, block, *x.shape[2:]))
-    shift = _col(factor, x).reshape(-1, 1, 1)
-    for start in range(0, n, block):
-        rows = slice(start, min(n, start + block))
-        _hue_block(x[rows], shift[rows], out[rows], work[:, : rows.stop - start])
+    hue_with_offsets(out, hue_offsets(factor, out))
     return out
 
 
-def _hue_block(x: Tensor, shift: Tensor, out: Tensor, work: Tensor) -> None:
-    """:func:`hue` on one block; ``out`` may be ``x``, ``work`` is ``(8, K, p, p)`` scratch."""
-    vmax, vmin, delta, h6, vpd = work[:5].unbind(0)
-    z = work[5:8]  # (3, K, p, p)
-    t1, t2, t3 = z.unbind(0)
+def hue_offsets(factor: Tensor, like: Tensor) -> Tensor:
+    """Per-patch, per-channel offsets (in sextants) used by :func:`hue_with_offsets`.
+
+    With the pixel's hue ``h`` in sextants in ``[-1, 5]`` (Kornia's case formula before its
+    ``mod 6``), the offset of channel ``c`` is ``o_c = 6 s_c - 2 c`` where ``s_c`` is the shift
+    ``s`` (in turns) moved by a whole turn if needed so that ``u = h + o_c`` lies in
+    ``[-6, 6]``; then the circular distance from the shifted hue to the channel's centre is
+    ``3 - ||u| - 3|``, with no ``mod``.
+
+    Parameters
+    ----------
+    factor : Tensor
+        ``(K,)`` shifts in turns.
+    like : Tensor
+        Tensor whose dtype and device the offsets take.
+
+    Returns
+    -------
+    Tensor
+        ``(3, K, 1, 1)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> hue_offsets(torch.tensor([0.0, 0.5]), torch.empty(0)).flatten(1)
+    tensor([[ 0., -3.],
+            [-2.,  1.],
+            [-4., -1.]])
+    """
+    work = torch.float64 if like.dtype == torch.float64 else torch.float32
+    s = factor.to(device=like.device, dtype=work).reshape(-1)
+    s = s - torch.round(s)  # in [-0.5, 0.5]
+    s_r = torch.where(s > 1 / 6, s - 1, s)  # [-5/6, 1/6]: h + 6 s_r in [-6, 6]
+    s_b = torch.where(s < -1 / 6, s + 1, s)  # [-1/6, 5/6]: h + 6 s_b - 4 in [-6, 6]
+    offsets = torch.stack((6 * s_r, 6 * s - 2, 6 * s_b - 4))
+    return offsets.to(like.dtype).view(3, -1, 1, 1)
+
+
+def hue_with_offsets(x: Tensor, offsets: Tensor, work: Tensor | None = None) -> Tensor:
+    """:func:`hue` in place on RGB patches, with offsets from :func:`hue_offsets`.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(K, 3, p, p)``, contiguous, in ``[0, 1]``; overwritten.
+    offsets : Tensor
+        ``(3, K, 1, 1)`` (a slice of a larger one is fine).
+    work : Tensor, optional
+        Scratch ``(5, M, p, p)`` of ``x``'s dtype, any ``M >= 1``; the patches run in blocks
+        of at most ``M`` (default: :func:`cpu_block_patches`).
+
+    Returns
+    -------
+    Tensor
+        ``x``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.rand(4, 3, 8, 8)
+    >>> f = torch.rand(4) - 0.5
+    >>> torch.equal(hue_with_offsets(x.clone(), hue_offsets(f, x)), hue(x, f))
+    True
+    """
+    n = x.shape[0]
+    if n == 0:
+        return x
+    if work is None:
+        work = x.new_empty((5, min(n, cpu_block_patches(x)), *x.shape[2:]))
+    block = work.shape[1]
+    # About 36 elementwise passes over (K, p, p) planes: on the CPU, run them on blocks of
+    # patches that stay in cache, the temporaries in the reused workspace.
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        _hue_block(x[start:stop], offsets[:, start:stop], work[:, : stop - start])
+    return x
+
+
+def _hue_block(x: Tensor, offsets: Tensor, work: Tensor) -> None:
+    """:func:`hue_with_offsets` on one block; ``work`` is ``(5, K, p, p)`` scratch."""
+    vmax, delta = work[:2].unbind(0)
+    y = work[2:5]  # (3, K, p, p); first d * hue and two temporaries
+    h6, t1, t2 = y.unbind(0)
     r, g, b = x.unbind(1)
-    torch.amax(x, dim=1, out=vmax)
-    torch.amin(x, dim=1, out=vmin)
-    torch.sub(vmax, vmin, out=delta)
-    # d times the hue in sextants: g - b on the red sextant, b - r + 2 d on green, r - g + 4 d
-    # on blue, the first maximal channel winning ties as Kornia's does; lerp with 0/1 weights
-    # selects exactly and is much cheaper than torch.where on CPU. Working with d * hue avoids
-    # the division (and its 0 / 0 on grey pixels).
-    torch.eq(r, vmax, out=t1)
-    torch.eq(g, vmax, out=t2)
+    torch.maximum(torch.maximum(r, g, out=vmax), b, out=vmax)
+    torch.minimum(torch.minimum(r, g, out=t1), b, out=t1)
+    torch.sub(vmax, t1, out=delta)
+    # d times the hue in sextants, in [-d, 5 d]: g - b on the red sextant, b - r + 2 d on
+    # green, r - g + 4 d on blue, the first maximal channel winning ties as Kornia's does;
+    # lerp with 0/1 weights selects exactly and is much cheaper than torch.where on CPU.
+    # Working with d * hue avoids the division (and its 0 / 0 on grey pixels).
     torch.sub(r, g, out=h6).add_(delta, alpha=4.0)
-    torch.sub(b, r, out=t3).add_(delta, alpha=2.0)
-    h6.lerp_(t3, t2)
-    torch.sub(g, b, out=t3)
-    h6.lerp_(t3, t1)
-    h6.addcmul_(delta, shift, value=6.0)  # the shift, times d
-    torch.add(vmax, delta, out=vpd)
-    # h6 / d lies in [-4, 8). With y_c = h6 - c d for the channel centres c = 0, 2, 4 (R, G,
-    # B), the circular distance is D_c = min(|y_c|, |6 d - |y_c||) (times d), and channel c is
-    # v - clamp(D_c - d, 0, d) = clamp(v + d - D_c, min, max): one pass per step over all three
-    # channels at once, computed in the output itself. r, g, b are not read any more: out may
-    # be x.
-    y = out.transpose(0, 1)  # (3, K, p, p) view of the output
-    torch.addcmul(h6, delta, _hue_centres(x.dtype, x.device), out=y).abs_()
-    torch.sub(y, delta, alpha=6.0, out=z).abs_()
-    torch.minimum(y, z, out=y)
-    torch.sub(vpd, y, out=y)
-    torch.clamp(y, min=vmin, max=vmax, out=y)
-
-
-@lru_cache(maxsize=16)
-def _hue_centres(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Minus the channel centres of the colour hexagon, in sextants, as ``(3, 1, 1, 1)``."""
-    return torch.tensor([0.0, -2.0, -4.0], dtype=dtype, device=device).view(3, 1, 1, 1)
+    torch.sub(b, r, out=t1).add_(delta, alpha=2.0)
+    h6.lerp_(t1, torch.eq(g, vmax, out=t2))
+    torch.sub(g, b, out=t1)
+    h6.lerp_(t1, torch.eq(r, vmax, out=t2))
+    # y_c = d (h + o_c) in [-6 d, 6 d]; E = ||y_c| - 3 d| = 3 d - D_c (D_c the circular
+    # distance, times d), and channel c is v - d clamp(D_c / d - 1, 0, 1)
+    # = min(v, v - 2 d + max(E, d)): between v - d (the minimum, up to rounding, and never
+    # negative: v - 2 d is exact whenever it is negative) and v.
+    torch.addcmul(h6, delta, offsets[1], out=t1)
+    torch.addcmul(h6, delta, offsets[2], out=t2)
+    h6.addcmul_(delta, offsets[0])
+    y.abs_().sub_(delta, alpha=3.0).abs_()
+    torch.maximum(y, delta, out=y)
+    y.add_(torch.sub(vmax, delta, alpha=2.0, out=delta))
+    # r, g, b are not read any more: write into x
+    torch.minimum(y, vmax, out=x.transpose(0, 1))
 
 
 def grayscale(x: Tensor) -> Tensor:
@@ -525,15 +626,79 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: tuple[int, int]) -> Ten
     for name, k in (("kernel_size[0]", kh), ("kernel_size[1]", kw)):
         if k < 1 or k % 2 == 0 or k // 2 > p - 1:
             raise ValueError(f"{name}: expected an odd size in [1, {2 * p - 1}], got {k}")
-    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    s = sigma.to(device=x.device, dtype=work.dtype)
-    n, c = x.shape[:2]
-    if n == 0 or (kh == 1 and kw == 1):
+    if x.shape[0] == 0 or (kh == 1 and kw == 1):
         return x.clone()
-    mat_w = _blur_matrix(s, kw, p) if kw > 1 else None
-    mat_h = mat_w if kh == kw else (_blur_matrix(s, kh, p) if kh > 1 else None)
+    work_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    mats = blur_matrices(sigma.to(device=x.device, dtype=work_dtype), (kh, kw), p)
+    return blur_with_matrices(x, *mats)
+
+
+def blur_matrices(
+    sigma: Tensor, kernel_size: tuple[int, int], patch_size: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """Per-patch blur matrices ``(A_h, A_w)`` of :func:`gaussian_blur`, for reuse.
+
+    Parameters
+    ----------
+    sigma : Tensor
+        ``(K,)`` positive, floating; the matrices get its dtype and device.
+    kernel_size : tuple of int
+        ``(kH, kW)``, odd, each at most ``2 p - 1`` (not checked here).
+    patch_size : int
+        ``p``.
+
+    Returns
+    -------
+    tuple of Tensor or None
+        ``(K, p, p)`` matrices for the vertical and horizontal passes; ``None`` for an axis
+        whose kernel has one tap (no blur along it).
+
+    Examples
+    --------
+    >>> import torch
+    >>> a_h, a_w = blur_matrices(torch.tensor([1.0, 2.0]), (5, 1), 8)
+    >>> a_h.shape, a_w
+    (torch.Size([2, 8, 8]), None)
+    """
+    kh, kw = kernel_size
+    mat_w = _blur_matrix(sigma, kw, patch_size) if kw > 1 else None
+    mat_h = mat_w if kh == kw else (_blur_matrix(sigma, kh, patch_size) if kh > 1 else None)
+    return mat_h, mat_w
+
+
+def blur_with_matrices(x: Tensor, mat_h: Tensor | None, mat_w: Tensor | None) -> Tensor:
+    """Apply per-patch blur matrices from :func:`blur_matrices`: ``A_h @ x @ A_w^T``.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(K, C, p, p)``; half precision is blurred in float32 (the matrices' dtype) and
+        rounded once.
+    mat_h, mat_w : Tensor or None
+        ``(K, p, p)`` each, or ``None`` to skip that axis.
+
+    Returns
+    -------
+    Tensor
+        ``(K, C, p, p)``, a new tensor (possibly a permuted view of one).
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.rand(2, 3, 8, 8)
+    >>> sigma = torch.tensor([0.5, 1.5])
+    >>> mats = blur_matrices(sigma, (5, 5), 8)
+    >>> torch.equal(blur_with_matrices(x, *mats), gaussian_blur(x, sigma, (5, 5)))
+    True
+    """
+    n, c, p, _ = x.shape
+    mat = mat_w if mat_w is not None else mat_h
+    if mat is None:
+        return x.clone()
+    work = x.to(mat.dtype)
     # Batched p x p products. MKL is fast for A @ B with B transposed in memory, so both passes
-    # are written that way, each one leaving the layout the next one needs.
+    # are written that way, each one leaving the layout the next one needs; the result is a
+    # permuted view (the caller's copy into place does the transposition).
     if mat_w is not None:
         # rows: t[k, j, (c, i)] = sum_j' A_w[j, j'] x[k, c, i, j']
         t = torch.bmm(mat_w, work.reshape(n, c * p, p).transpose(1, 2))  # (K, j, C * i)
@@ -542,8 +707,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: tuple[int, int]) -> Ten
         # columns: u[k, i, (j, c)] = sum_i' A_h[i, i'] t[k, j, c, i']
         u = torch.bmm(mat_h, t.view(n, p * c, p).transpose(1, 2))  # (K, i, j * C)
         return u.view(n, p, p, c).permute(0, 3, 1, 2).to(x.dtype)
-    out = torch.matmul(mat_h.unsqueeze(1), work)
-    return out.to(x.dtype)
+    return torch.matmul(mat_h.unsqueeze(1), work).to(x.dtype)
 
 
 def sharpness(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
@@ -616,9 +780,8 @@ def gaussian_noise(x: Tensor, std: Tensor, noise: Tensor, inplace: bool = False)
     >>> gaussian_noise(x, torch.tensor([0.1]), torch.ones(1, 1, 2, 2))[0, 0, 0, 0]
     tensor(0.6000)
     """
-    scaled = noise.to(x.dtype) * _col(std, x)
-    out = x.add_(scaled) if inplace else scaled.add_(x)
-    return out.clamp_(0.0, 1.0)
+    out = x if inplace else x.clone()
+    return out.addcmul_(noise.to(x.dtype), _col(std, x)).clamp_(0.0, 1.0)
 
 
 def posterize(x: Tensor, bits: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import patchaug.patch_jitter as pj
+import patchaug.patch_ops as po
 from patchaug.patch_jitter import OPERATORS, PatchJitter, PatchJitterParams
 
 KE = kornia.enhance
@@ -540,3 +542,134 @@ def test_generator_on_another_device_type_is_rejected() -> None:
     # a CPU generator cannot draw on another device (meta here, CUDA in practice)
     with pytest.raises(ValueError, match="generator"):
         PatchJitter(8).sample_params(1, 16, 16, device="meta", generator=torch.Generator())
+
+
+# ----------------------------------------------------------------- block-wise processing
+def _run_in_blocks(
+    jitter: PatchJitter, x: torch.Tensor, params: PatchJitterParams, patches_per_block: int
+) -> torch.Tensor:
+    """``jitter(x, params=params)`` with the CPU blocks forced to ``patches_per_block``."""
+    pixels = patches_per_block * jitter.patch_size**2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pj, "_CPU_BLOCK_PIXELS", pixels)
+        mp.setattr(pj, "_CPU_LARGE_BLOCK_PIXELS", pixels)
+        # and hue rotated two patches at a time (several chunks per block)
+        mp.setattr(po, "_CPU_BLOCK_PIXELS", 2 * jitter.patch_size**2)
+        mp.setattr(po, "_CPU_LARGE_BLOCK_PIXELS", 2 * jitter.patch_size**2)
+        return jitter(x, params=params)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    config=st.sampled_from(sorted(CONFIGS)),
+    c=st.sampled_from([1, 3]),
+)
+def test_block_sizes_do_not_change_the_output(seed: int, config: str, c: int) -> None:
+    # 4 images of 3 x 2 patches: blocks of one patch row, of two rows (4 + 2 patches: blocks of
+    # unequal size), of whole images, of several images, and a single block
+    jitter = CONFIGS[config]()
+    x = images(seed, b=4, c=c, gh=3, gw=2)
+    out, params = jitter(x, return_params=True, generator=torch.Generator().manual_seed(seed))
+    whole = _run_in_blocks(jitter, x, params, 10**6)
+    torch.testing.assert_close(whole, out, atol=0, rtol=0)
+    for per_block in (1, 4, 6, 13):
+        got = _run_in_blocks(jitter, x, params, per_block)
+        torch.testing.assert_close(got, whole, atol=1e-6, rtol=0)
+    if c == 3:  # and faithful to the per-patch Kornia chain
+        rows = [0, 5, 13, 23]
+        ref = reference(x, jitter, params, rows)
+        got = to_patches(_run_in_blocks(jitter, x, params, 4), 8)[rows]
+        torch.testing.assert_close(got, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_block_wise_processing_keeps_dtype_and_untouched_patches(dtype: torch.dtype) -> None:
+    jitter = everything(p=0.5)
+    x = images(3, b=3).to(dtype)
+    out, params = jitter(x, return_params=True, generator=torch.Generator().manual_seed(3))
+    got = _run_in_blocks(jitter, x, params, 2)
+    assert got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, out, atol=1e-3 if dtype == torch.float16 else 1e-12, rtol=0)
+    untouched = ~params.applied.flatten()
+    assert untouched.any()
+    assert torch.equal(to_patches(got, 8)[untouched], to_patches(x, 8)[untouched])
+
+
+@pytest.mark.parametrize("per_block", [1, 6, 10**6])
+def test_value_range_is_checked_in_every_block(per_block: int) -> None:
+    jitter = PatchJitter.paper(8)
+    x = images(0, b=3)
+    params = jitter.sample_params(3, 16, 24, generator=torch.Generator().manual_seed(0))
+    bad = x.clone()
+    bad[2, 1, 15, 23] = float("nan")  # in the last patch of the last image
+    with pytest.raises(ValueError, match="NaN"):
+        _run_in_blocks(jitter, bad, params, per_block)
+    bad[2, 1, 15, 23] = 1.5
+    bad[1, 0, 0, 0] = -0.25
+    with pytest.raises(ValueError, match=r"min -0.25 and max 1.5"):
+        _run_in_blocks(jitter, bad, params, per_block)
+    clamping = PatchJitter.paper(8, clamp_input=True)
+    expected = jitter(bad.clamp(0, 1), params=params)
+    torch.testing.assert_close(
+        _run_in_blocks(clamping, bad, params, per_block), expected, atol=1e-6, rtol=0
+    )
+
+
+def test_bad_values_fail_before_any_random_draw() -> None:
+    jitter = PatchJitter.paper(8)
+    bad = images(0, b=2)
+    bad[1, 2, 15, 15] = float("nan")
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    with pytest.raises(ValueError, match="NaN"):
+        jitter(bad, generator=gen)
+    assert torch.equal(gen.get_state(), state)
+    bad[1, 2, 15, 15] = 2.0
+    with pytest.raises(ValueError, match="expected values in"):
+        jitter(bad, generator=gen)
+    assert torch.equal(gen.get_state(), state)
+
+
+@pytest.mark.parametrize(
+    ("batch", "rows", "cols", "target"),
+    [
+        (1, 1, 1, 1),
+        (3, 2, 3, 1),
+        (3, 2, 3, 4),
+        (3, 2, 3, 6),
+        (5, 2, 3, 13),
+        (2, 7, 5, 11),
+        (4, 3, 3, None),
+    ],
+)
+def test_blocks_cover_every_patch_once_in_order(
+    batch: int, rows: int, cols: int, target: int | None
+) -> None:
+    p = 4
+    blocks = pj._blocks(batch, rows, cols, p, target)
+    x = torch.arange(batch * rows * p * cols * p, dtype=torch.float64).reshape(
+        batch, 1, rows * p, cols * p
+    )
+    patches = to_patches(x, p)
+    assert blocks[0][0] == 0 and blocks[-1][1] == batch * rows * cols
+    for (start, stop, images_, pixel_rows), nxt in zip(blocks, blocks[1:] + [None]):
+        assert stop > start and (nxt is None or nxt[0] == stop)
+        assert stop - start <= blocks[0][1] - blocks[0][0]
+        if target is not None and stop - start > target:
+            assert stop - start == cols  # never more than one patch row above the target
+        # the block's pixels are exactly its patches, in patch order
+        assert torch.equal(to_patches(x[images_, :, pixel_rows], p), patches[start:stop])
+
+
+def test_block_size_depends_on_device_and_threads() -> None:
+    assert pj._block_patches(torch.device("cuda"), 16) is None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pj._block_patches(torch.device("cpu"), 16)
+        torch.set_num_threads(2)
+        two = pj._block_patches(torch.device("cpu"), 16)
+    finally:
+        torch.set_num_threads(threads)
+    assert one is not None and two is not None and 1 <= one <= two

@@ -215,3 +215,98 @@ def test_gaussian_kernel_matches_kornia() -> None:
     s = torch.tensor([0.3, 1.0, 2.5])
     ref = kornia.filters.get_gaussian_kernel1d(7, s.view(-1, 1))
     torch.testing.assert_close(po.gaussian_kernel1d(7, s), ref, atol=1e-7, rtol=0)
+
+
+# ------------------------------------------------------------- building blocks for PatchJitter
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 3), gh=st.integers(1, 3), gw=st.integers(1, 3), p=st.sampled_from([2, 8]))
+def test_patchify_and_unpatchify_write_into_given_tensors(b: int, gh: int, gw: int, p: int) -> None:
+    x = torch.rand(b, 3, gh * p, gw * p)
+    buf = torch.full((b * gh * gw, 3, p, p), -1.0)
+    assert po.patchify(x, p, out=buf) is buf
+    assert torch.equal(buf, po.patchify(x, p))
+    # unpatchify into a slice of rows of a larger contiguous batch (how blocks are written)
+    big = torch.zeros(b + 1, 3, (gh + 1) * p, gw * p)
+    target = big[1:, :, p:]
+    assert po.unpatchify(buf, b, gh * p, gw * p, out=target) is target
+    assert torch.equal(big[1:, :, p:], x)
+    assert not big[0].any() and not big[1:, :, :p].any()
+
+
+def test_patchify_and_unpatchify_reject_wrong_out() -> None:
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="out"):
+        po.patchify(x, 8, out=torch.empty(3, 3, 8, 8))
+    with pytest.raises(ValueError, match="out"):
+        po.patchify(x, 8, out=torch.empty(4, 8, 3, 8).transpose(1, 2))  # not contiguous
+    with pytest.raises(ValueError, match="out"):
+        po.unpatchify(po.patchify(x, 8), 1, 16, 16, out=torch.empty(1, 3, 16, 8))
+
+
+@given(x=rgb_batches, seed=st.integers(0, 1000), turns=st.integers(-2, 2))
+def test_hue_is_periodic_in_whole_turns(x: torch.Tensor, seed: int, turns: int) -> None:
+    # hue_offsets reduces the shift modulo one turn: any shift equals Kornia's rotation
+    f = _uniform(x, -0.5, 0.5, seed)
+    ref = KE.adjust_hue(x, f * 2 * math.pi)
+    torch.testing.assert_close(po.hue(x, f + turns), ref, atol=TOL, rtol=0)
+
+
+@given(x=rgb_batches, seed=st.integers(0, 1000), tiny=st.booleans())
+def test_hue_keeps_each_pixel_between_its_min_and_max(
+    x: torch.Tensor, seed: int, tiny: bool
+) -> None:
+    if tiny:  # minima far below the maxima: the rounding-sensitive case for the lower bound
+        x = x * torch.tensor([1.0, 1e-3, 1e-7]).view(1, 3, 1, 1)
+    y = po.hue(x, _uniform(x, -0.5, 0.5, seed))
+    assert bool((y >= 0).all()) and bool((y <= x.amax(dim=1, keepdim=True)).all())  # exact
+    assert bool((y >= x.amin(dim=1, keepdim=True) - 1e-7).all())  # up to rounding
+
+
+@settings(max_examples=20, deadline=None)
+@given(x=rgb_batches, seed=st.integers(0, 1000), block=st.integers(1, 13))
+def test_hue_with_offsets_does_not_depend_on_the_workspace_block(
+    x: torch.Tensor, seed: int, block: int
+) -> None:
+    f = _uniform(x, -0.5, 0.5, seed)
+    offsets = po.hue_offsets(f, x)
+    assert offsets.shape == (3, x.shape[0], 1, 1)
+    work = x.new_empty((5, block, *x.shape[2:]))
+    out = po.hue_with_offsets(x.clone(), offsets, work)
+    assert torch.equal(out, po.hue(x, f))
+    torch.testing.assert_close(out, KE.adjust_hue(x, f * 2 * math.pi), atol=TOL, rtol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(x=patch_batches, seed=st.integers(0, 1000), kh=st.integers(0, 7), kw=st.integers(0, 7))
+def test_blur_with_precomputed_matrices_equals_gaussian_blur(
+    x: torch.Tensor, seed: int, kh: int, kw: int
+) -> None:
+    p = x.shape[-1]
+    size = (min(2 * kh + 1, 2 * p - 1), min(2 * kw + 1, 2 * p - 1))
+    s = _uniform(x, 0.1, 3.0, seed)
+    mat_h, mat_w = po.blur_matrices(s, size, p)
+    assert (mat_h is None) == (size[0] == 1) and (mat_w is None) == (size[1] == 1)
+    out = po.blur_with_matrices(x, mat_h, mat_w)
+    assert torch.equal(out, po.gaussian_blur(x, s, size))
+    # a subset of rows with the matching rows of the matrices: the same rows of the result
+    rows = torch.arange(0, x.shape[0], 2)
+    sub = po.blur_with_matrices(
+        x[rows],
+        None if mat_h is None else mat_h[rows],
+        None if mat_w is None else mat_w[rows],
+    )
+    torch.testing.assert_close(sub, out[rows], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float16, 1e-2), (torch.bfloat16, 6e-2), (torch.float64, 1e-12)]
+)
+def test_colour_operators_keep_the_dtype(dtype: torch.dtype, atol: float) -> None:
+    # computed in the input's dtype: within its rounding of the float64 result
+    x = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    f = torch.rand(5, generator=torch.Generator().manual_seed(1)) + 0.5
+    for fn in (po.brightness, po.contrast, po.saturation, po.hue):
+        out = fn(x, f)
+        assert out.dtype == dtype
+        ref = fn(x.double(), f.double())
+        torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
