@@ -179,7 +179,11 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
         if profile_loss:  # share of the loss spent in softmax / log-softmax (fwd + bwd)
             ka = prof.key_averages()
             total_us = sum(e.self_cpu_time_total for e in ka)
-            soft_us = sum(e.self_cpu_time_total for e in ka if "softmax" in e.key)
+            # the loss marks its softmax / log-softmax of every token (and the softmax part of
+            # its gradient) with a profiler range: the cost that grows with the head's output
+            from pwself_reference.losses import SOFTMAX_LABEL
+
+            soft_us = sum(e.cpu_time_total for e in ka if e.key == SOFTMAX_LABEL)
             t["loss_softmax_fraction"] = soft_us / max(total_us, 1e-9)
             top = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
             t["loss_top_ops"] = [(e.key, e.self_cpu_time_total / 1e6 / (total_us / 1e6) * 100.0
@@ -399,9 +403,10 @@ def main(argv: list[str] | None = None) -> None:
         "bookkeeping % = (matching + loss + patch aug) / step, the goal being at most 5%. "
         "\"loss\" is the whole PWSelfLoss forward + backward, which for PW-Self includes the "
         "softmax / log-softmax of every head output (tokens x out_dim, a cost that grows with "
-        "the head's output like the head itself) as well as the gather and cross-entropy of "
-        "the matched pairs; \"(softmax)\" and \"(rest)\" split it by the share of softmax / "
-        "log-softmax operators (forward and backward) in a torch.profiler profile of the loss "
+        "the head's output like the head itself) as well as the cross-entropy of "
+        "the matched pairs; \"(softmax)\" and \"(rest)\" split it by the share of the loss's "
+        "softmax / log-softmax of every token (its profiler range, forward and gradient) in a "
+        "torch.profiler profile of the loss "
         "of one more step. \"bookkeeping % w/o softmax\" = (matching + loss rest + patch aug) "
         "/ step.",
         "",

@@ -1,0 +1,396 @@
+"""The sparse PW-Self loss against the gather-based implementation it replaced.
+
+``_GatherLoss`` below is a verbatim copy of the loss before it was rewritten (one
+``torch.gather`` per side and pair, a ``(B, M, K)`` product, a reduction per
+sample, a concatenation for the centre update). The fast loss must give the same
+value, the same gradient w.r.t. every student output and the same centre.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchaug import PatchMatch, match_patches
+from pwself_reference.losses import PWSelfLoss, pair_weights, reduce_tokens
+
+LOSS_NAMES = ("dino", "mean", "sum", "lambda")
+
+
+# ---------------------------------------------------------------- the old implementation
+def _old_token_cross_entropy(teacher_probs, student_log_probs, idx_teacher, idx_student, valid):
+    k = teacher_probs.shape[-1]
+    t = teacher_probs.gather(1, idx_teacher.unsqueeze(-1).expand(-1, -1, k))
+    s = student_log_probs.gather(1, idx_student.unsqueeze(-1).expand(-1, -1, k))
+    ce = -(t * s).sum(-1)
+    return ce * valid.to(ce.dtype)
+
+
+def _old_reduce_tokens(ce, valid, loss, lam):
+    cls = ce[:, 0]
+    if loss == "dino":
+        return cls
+    if loss == "sum":
+        return ce.sum(1)
+    if loss == "mean":
+        return ce.sum(1) / valid.sum(1).clamp(min=1).to(ce.dtype)
+    n_patch = valid[:, 1:].sum(1)
+    patch = ce[:, 1:].sum(1) / n_patch.clamp(min=1).to(ce.dtype)
+    return torch.where(n_patch > 0, lam * cls + (1.0 - lam) * patch, cls)
+
+
+class _GatherLoss:
+    """The forward and centre update of the gather-based ``PWSelfLoss``."""
+
+    def __init__(self, center, center_mode, loss, lam, teacher_temp, student_temp=0.1,
+                 momentum=0.9):
+        self.center = center.clone()
+        self.center_mode, self.loss, self.lam = center_mode, loss, lam
+        self.teacher_temp, self.student_temp, self.momentum = teacher_temp, student_temp, momentum
+
+    def __call__(self, student_out, teacher_out, matches, update_center=False):
+        t_probs = [F.softmax((t.detach().float() - self.center) / self.teacher_temp, dim=-1)
+                   for t in teacher_out]
+        s_logp = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_out]
+        total = torch.zeros(())
+        n_pairs = 0
+        for i, tp in enumerate(t_probs):
+            for j, sl in enumerate(s_logp):
+                if i == j:
+                    continue
+                if self.loss == "dino":
+                    per_sample = -(tp[:, 0] * sl[:, 0]).sum(-1)
+                else:
+                    m = matches[(i, j)]
+                    ce = _old_token_cross_entropy(tp, sl, m.idx_a, m.idx_b, m.valid)
+                    per_sample = _old_reduce_tokens(ce, m.valid, self.loss, self.lam)
+                total = total + per_sample.mean()
+                n_pairs += 1
+        if update_center:
+            self.update_center(teacher_out)
+        return total / n_pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_out):
+        t = torch.cat([x.detach().float() for x in teacher_out], dim=0)
+        if self.center_mode == "per-token":
+            batch_center = t.sum(0, keepdim=True) / t.shape[0]
+        else:
+            batch_center = t.sum((0, 1)).view(1, 1, -1) / (t.shape[0] * t.shape[1])
+        self.center.mul_(self.momentum).add_(batch_center * (1 - self.momentum))
+
+
+# ---------------------------------------------------------------- random views and matches
+def _views(seed, batch=4, k=24, t_grid=(4, 6), s_grids=((2, 3), (3, 2), (2, 2)), n_teacher=2,
+           rule="half", dtype=torch.float32):
+    """Teacher/student outputs and real matches of random crops (with flips) of a 40x48 image.
+
+    The teacher views are global crops of grid ``t_grid`` (also the first student
+    views); the other student views have the grids ``s_grids`` (several resolutions).
+    """
+    g = torch.Generator().manual_seed(seed)
+    grids = [t_grid] * n_teacher + list(s_grids)
+    n_views = len(grids)
+    teacher = [(3 * torch.randn(batch, 1 + t_grid[0] * t_grid[1], k, generator=g)).to(dtype)
+               for _ in range(n_teacher)]
+    student = [(3 * torch.randn(batch, 1 + r * c, k, generator=g)).to(dtype).requires_grad_()
+               for r, c in grids]
+    boxes = []
+    for v in range(n_views):
+        lo_size = (10, 41) if v < n_teacher else (4, 20)
+        size = torch.randint(*lo_size, (batch, 2), generator=g).float()
+        x0 = (torch.rand(batch, generator=g) * (48 - size[:, 0])).floor()
+        y0 = (torch.rand(batch, generator=g) * (40 - size[:, 1])).floor()
+        boxes.append(torch.stack([x0, y0, x0 + size[:, 0], y0 + size[:, 1]], -1))
+    flips = [torch.rand(batch, generator=g) < 0.5 for _ in range(n_views)]
+    matches = {
+        (i, j): match_patches(boxes[i], boxes[j], grids[i], grids[j], flips[i], flips[j],
+                              rule=rule)
+        for i in range(n_teacher) for j in range(n_views) if i != j
+    }
+    return teacher, student, matches
+
+
+def _criteria(loss, center_mode, n_tokens, k, lam=0.3, seed=0):
+    crit = PWSelfLoss(k, n_teacher_tokens=n_tokens, loss=loss, lam=lam, center=center_mode,
+                      teacher_temps=[0.04, 0.06], student_temp=0.1)
+    crit.center.copy_(torch.randn(crit.center.shape, generator=torch.Generator().manual_seed(seed)))
+    ref = _GatherLoss(crit.center, center_mode, loss, lam, teacher_temp=0.06)
+    return crit, ref
+
+
+def _assert_same(got, want, student, rtol=1e-5):
+    """Same value (relative 1e-5) and same gradient w.r.t. every student output
+    (max abs error below 1e-5 of the largest gradient entry)."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6)
+    g_got = torch.autograd.grad(got, student, allow_unused=True)
+    g_want = torch.autograd.grad(want, student, allow_unused=True)
+    scale = max(float(g.abs().max()) for g in g_want if g is not None)
+    for a, b in zip(g_got, g_want):
+        if b is None:
+            assert a is None or not a.any()
+            continue
+        assert a is not None and a.dtype == b.dtype and a.shape == b.shape
+        assert float((a.float() - b.float()).abs().max()) <= 1e-5 * scale
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("center", ["global", "per-token"])
+@pytest.mark.parametrize("rule", ["half", "official", "centre"])
+def test_fast_loss_equals_gather_loss(loss, center, rule):
+    seed = LOSS_NAMES.index(loss) * 10 + len(center) + len(rule)
+    teacher, student, matches = _views(seed, rule=rule)
+    assert any(bool((~m.valid).any()) for m in matches.values())  # padding slots present
+    assert any(bool((m.num_valid == 1).any()) for m in matches.values())  # CLS-only samples
+    crit, ref = _criteria(loss, center, teacher[0].shape[1], teacher[0].shape[-1], seed=seed)
+    got = crit(student, teacher, matches, epoch=1, update_center=False)
+    want = ref(student, teacher, matches)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    _assert_same(got, want, student)
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_square_grids_three_teachers_and_lambda_extremes(loss):
+    teacher, student, matches = _views(5, batch=3, k=40, t_grid=(5, 5), s_grids=((2, 2), (3, 3)),
+                                       n_teacher=3)
+    for lam in (0.0, 1.0, 0.7):
+        crit, ref = _criteria(loss, "per-token", 26, 40, lam=lam, seed=7)
+        got = crit(student, teacher, matches, epoch=0, update_center=False)
+        ref.teacher_temp = 0.04
+        _assert_same(got, ref(student, teacher, matches), student)
+
+
+def test_more_teacher_than_student_views_and_unpaired_view():
+    # one teacher view and one other student view: student view 0 (= the teacher's) is unused
+    teacher, student, matches = _views(6, n_teacher=1, s_grids=((3, 3),))
+    crit, ref = _criteria("mean", "global", 25, 24)
+    got = crit(student, teacher, matches, epoch=1, update_center=False)
+    want = ref(student, teacher, matches)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g = torch.autograd.grad(got, student[1])[0]
+    torch.testing.assert_close(g, torch.autograd.grad(want, student[1])[0], rtol=1e-4, atol=1e-7)
+
+
+def test_dino_uses_only_cls_rows_and_ignores_matches():
+    teacher, student, matches = _views(8)
+    crit, ref = _criteria("dino", "per-token", teacher[0].shape[1], 24)
+    got = crit(student, teacher, None, epoch=1, update_center=False)
+    _assert_same(got, ref(student, teacher, None), student)
+    g = torch.autograd.grad(crit(student, teacher, matches, 1, update_center=False), student)
+    for x in g:
+        assert x[:, 1:].abs().max() == 0 and x[:, 0].abs().max() > 0
+    # CLS-only outputs, as train.py passes them for DINO
+    cls_t = [t[:, :1] for t in teacher]
+    cls_s = [s[:, :1].detach().clone().requires_grad_() for s in student]
+    crit1, ref1 = _criteria("dino", "global", 1, 24)
+    _assert_same(crit1(cls_s, cls_t, None, 1, update_center=False), ref1(cls_s, cls_t, None),
+                 cls_s)
+
+
+def test_duplicate_and_arbitrary_pairs_are_summed_like_the_gathers():
+    # matches need not come from match_patches: repeated tokens, any order, CLS not first
+    g = torch.Generator().manual_seed(9)
+    b, k, t_tok, s_tok, m = 3, 16, 7, 5, 9
+    teacher = [torch.randn(b, t_tok, k, generator=g) for _ in range(2)]
+    student = [torch.randn(b, t_tok if j < 2 else s_tok, k, generator=g, requires_grad=True)
+               for j in range(4)]
+    matches = {}
+    for i in range(2):
+        for j in range(4):
+            if i != j:
+                n_s = student[j].shape[1]
+                valid = torch.rand(b, m, generator=g) < 0.7
+                valid[:, 0] = True
+                matches[(i, j)] = PatchMatch(torch.randint(0, t_tok, (b, m), generator=g),
+                                             torch.randint(0, n_s, (b, m), generator=g), valid)
+    for loss in ("mean", "sum", "lambda"):
+        crit, ref = _criteria(loss, "global", t_tok, k)
+        got = crit(student, teacher, matches, epoch=1, update_center=False)
+        _assert_same(got, ref(student, teacher, matches), student)
+
+
+def test_large_out_dim_rows():
+    # K large enough for the long-row kernels of (log_)softmax, computed in place on the CPU
+    teacher, student, matches = _views(10, batch=2, k=70000, t_grid=(2, 2), s_grids=((1, 2),))
+    for loss in ("mean", "lambda"):
+        crit, ref = _criteria(loss, "per-token", 5, 70000)
+        got = crit(student, teacher, matches, epoch=1, update_center=False)
+        _assert_same(got, ref(student, teacher, matches), student)
+
+
+def test_out_of_place_path_of_other_devices(monkeypatch):
+    # off the CPU the (log-)softmax is not written in place; the same arithmetic must result
+    import pwself_reference.losses as losses
+
+    monkeypatch.setattr(losses, "_in_place", lambda device: False)
+    for loss in ("dino", "lambda"):
+        teacher, student, matches = _views(16)
+        crit, ref = _criteria(loss, "per-token", teacher[0].shape[1], 24)
+        got = crit(student, teacher, matches, epoch=1, update_center=False)
+        _assert_same(got, ref(student, teacher, matches), student)
+
+
+def test_bfloat16_outputs_under_autocast():
+    teacher, student, matches = _views(11, dtype=torch.bfloat16)
+    crit, ref = _criteria("mean", "per-token", teacher[0].shape[1], 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = crit(student, teacher, matches, epoch=1, update_center=False)
+        want = ref(student, teacher, matches)
+    assert got.dtype == torch.float32
+    assert torch.autograd.grad(got, student[0], retain_graph=True)[0].dtype == torch.bfloat16
+    _assert_same(got, want, student)
+
+
+def test_backward_twice_with_retained_graph():
+    teacher, student, matches = _views(12)
+    crit, _ = _criteria("sum", "global", teacher[0].shape[1], 24)
+    loss = crit(student, teacher, matches, epoch=1, update_center=False)
+    g1 = torch.autograd.grad(loss, student, retain_graph=True)
+    g2 = torch.autograd.grad(2 * loss, student)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(2 * a, b)
+
+
+def test_no_grad_evaluation_and_student_without_grad():
+    teacher, student, matches = _views(13)
+    crit, ref = _criteria("mean", "global", teacher[0].shape[1], 24)
+    plain = [s.detach() for s in student]
+    with torch.no_grad():
+        got = crit(plain, teacher, matches, epoch=1, update_center=False)
+    torch.testing.assert_close(got, ref(plain, teacher, matches), rtol=1e-5, atol=1e-6)
+    assert not got.requires_grad
+
+
+@pytest.mark.parametrize("center", ["global", "per-token"])
+def test_center_update_and_stats_equal_the_old_ones(center):
+    teacher, student, matches = _views(14)
+    crit, ref = _criteria("mean", center, teacher[0].shape[1], 24)
+    for epoch in (0, 1, 5):
+        ref.teacher_temp = crit.teacher_temp(epoch)
+        got = crit(student, teacher, matches, epoch=epoch)
+        want = ref(student, teacher, matches, update_center=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(crit.center, ref.center, rtol=1e-5, atol=1e-6)
+    mean_pairs = np.mean([float(m.valid.sum(1).float().mean()) for m in matches.values()])
+    assert crit.last_stats["matched_tokens"] == pytest.approx(mean_pairs)
+
+
+@settings(max_examples=30)
+@given(st.integers(1, 5), st.integers(1, 9), st.sampled_from(LOSS_NAMES),
+       st.floats(0.0, 1.0), st.integers(0, 2**16))
+def test_pair_weights_reproduce_reduce_tokens(batch, m, loss, lam, seed):
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(batch, m, generator=g) < 0.6
+    valid[: batch // 2 + 1, 0] = True
+    ce = torch.rand(batch, m, generator=g) * valid
+    w = pair_weights(valid, loss, lam)
+    assert w.shape == valid.shape and not w[~valid].any()
+    torch.testing.assert_close((w * ce).sum(1), reduce_tokens(ce, valid, loss, lam))
+    torch.testing.assert_close((w * ce).sum(1), _old_reduce_tokens(ce, valid, loss, lam))
+
+
+def test_bad_matches_raise_value_error():
+    teacher, student, matches = _views(15)
+    crit = PWSelfLoss(24, teacher[0].shape[1], loss="mean")
+    m = matches[(0, 2)]
+    bad = dict(matches)
+    bad[(0, 2)] = PatchMatch(m.idx_a, torch.where(m.valid, m.idx_b + 100, m.idx_b), m.valid)
+    with pytest.raises(ValueError, match="outside"):
+        crit(student, teacher, bad, 0)
+    bad[(0, 2)] = PatchMatch(m.idx_a[:2], m.idx_b[:2], m.valid[:2])
+    with pytest.raises(ValueError, match=r"matches\[\(0, 2\)\]"):
+        crit(student, teacher, bad, 0)
+    with pytest.raises(ValueError, match="last dim"):
+        crit([s[..., :5] for s in student], teacher, matches, 0)
+    with pytest.raises(ValueError, match="per-token centre"):
+        PWSelfLoss(24, 3, loss="mean", center="per-token")(student, teacher, matches, 0)
+    with pytest.raises(ValueError, match="valid"):
+        pair_weights(torch.ones(3, dtype=torch.bool))
+    assert torch.equal(crit.center, torch.zeros_like(crit.center))  # nothing was updated
+
+
+def _as_views_of_one_tensor(student, extra_rows=0):
+    """The student outputs laid out like MultiCropNetwork's: consecutive row blocks of one
+    (sum_j B * T_j [+ extra_rows], K) tensor, views of the same resolution unbound together."""
+    k = student[0].shape[-1]
+    flat = [s.detach().reshape(-1, k) for s in student]
+    if extra_rows:
+        flat.append(torch.randn(extra_rows, k))
+    base = torch.cat(flat).requires_grad_()
+    views, start, j = [], 0, 0
+    while j < len(student):
+        n = 1
+        while j + n < len(student) and student[j + n].shape == student[j].shape:
+            n += 1
+        b, t = student[j].shape[:2]
+        size = n * b * t
+        views.extend(base[start:start + size].view(n, b, t, k).unbind(0))
+        start += size
+        j += n
+    return base, views
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_views_of_one_head_output_are_fused(loss):
+    teacher, student, matches = _views(17, s_grids=((2, 3), (2, 3), (3, 2)))
+    if loss == "dino":
+        teacher = [t[:, :1] for t in teacher]
+        student = [s[:, :1] for s in student]
+    base, views = _as_views_of_one_tensor(student)
+    crit, ref = _criteria(loss, "global", teacher[0].shape[1], 24)
+    got = crit(views, teacher, matches, epoch=1, update_center=False)
+    want = ref(views, teacher, matches)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g_got, = torch.autograd.grad(got, base, retain_graph=True)
+    g_want, = torch.autograd.grad(want, base)
+    assert float((g_got - g_want).abs().max()) <= 1e-5 * float(g_want.abs().max())
+    # the fused loss differentiates the base, not the views
+    with pytest.raises(RuntimeError, match="not have been used"):
+        torch.autograd.grad(got, views)
+    crit.fuse_views = False
+    per_view = crit(views, teacher, matches, epoch=1, update_center=False)
+    torch.testing.assert_close(per_view, got, rtol=1e-6, atol=1e-7)
+    assert all(g is not None for g in torch.autograd.grad(per_view, views))
+
+
+@pytest.mark.parametrize("extra_rows", [0, 3])
+def test_views_in_any_order_fuse_and_views_that_do_not_tile_fall_back(extra_rows):
+    teacher, student, matches = _views(18)
+    base, views = _as_views_of_one_tensor(student, extra_rows=extra_rows)
+    order = [0, 1, 4, 2, 3]  # the local views in another order than in the base
+    views = [views[j] for j in order]
+    matches = {(i, new): matches[(i, old)] for i in range(2) for new, old in enumerate(order)
+               if i != new}
+    crit, ref = _criteria("lambda", "per-token", 25, 24)
+    got = crit(views, teacher, matches, epoch=1, update_center=False)
+    want = ref(views, teacher, matches)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g_got, = torch.autograd.grad(got, base, retain_graph=True)
+    g_want, = torch.autograd.grad(want, base)
+    assert float((g_got - g_want).abs().max()) <= 1e-5 * float(g_want.abs().max())
+    if extra_rows:  # not a tiling: one loss per view, the gradient reaches the views
+        assert not g_got[-extra_rows:].any()
+        assert all(g is not None for g in torch.autograd.grad(got, views))
+    else:
+        with pytest.raises(RuntimeError, match="not have been used"):
+            torch.autograd.grad(got, views)
+
+
+def test_overlapping_views_of_one_tensor():
+    # two student views on the same rows, one block of the base unused
+    teacher, student, matches = _views(19, s_grids=((2, 3), (2, 3)))
+    base, views = _as_views_of_one_tensor(student)
+    views = views[:3] + [views[2]]
+    crit, ref = _criteria("sum", "global", 25, 24)
+    got = crit(views, teacher, matches, epoch=1, update_center=False)
+    want = ref(views, teacher, matches)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g_got, = torch.autograd.grad(got, base)
+    g_want, = torch.autograd.grad(want, base)
+    assert float((g_got - g_want).abs().max()) <= 1e-5 * float(g_want.abs().max())
+    assert not g_got[-views[3].shape[0] * views[3].shape[1]:].any()
