@@ -454,6 +454,15 @@ def _plot_first_pair(tr: Trainer, mb: MultiCropBatch, raw_views: Sequence[torch.
 # ----------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run a training from command-line flags; returns a summary dict."""
+    try:
+        return _main(argv)
+    finally:
+        # the run flushes subnormal floats to zero (see _main); do not leave that
+        # process-wide floating-point mode behind for the caller
+        torch.set_flush_denormal(False)
+
+
+def _main(argv: Sequence[str] | None) -> dict[str, Any]:
     t_main = time.perf_counter()
     args = parse_args(argv)
     device = resolve_device(args.device)

@@ -193,3 +193,12 @@ def test_presets_apply_and_flags_override():
         "cifar10", "vit_tiny", 16, "lambda", 0.2)
     assert (args.global_crop_size, args.local_crop_size, args.out_dim) == (224, 96, 1000)
     assert args.depth is None and args.epochs == 3
+
+
+def test_main_leaves_subnormal_floats_representable(tmp_path):
+    """train.main flushes subnormals for speed while it runs, not after it returns."""
+    tiny = torch.tensor(1e-310, dtype=torch.float64)
+    assert tiny.item() != 0.0
+    train_mod.main([*TINY, "--output-dir", str(tmp_path / "run")])
+    assert (tiny * 1.0).item() != 0.0
+    assert sys.float_info.min * 0.5 != 0.0  # Python floats too (hypothesis relies on it)
