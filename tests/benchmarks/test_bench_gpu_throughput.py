@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,19 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.benchmarks import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_gpu_throughput.py"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_gpu_throughput", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
+bench = load_benchmark("bench_gpu_throughput")
 
 
 def _snapshot() -> dict[str, float]:

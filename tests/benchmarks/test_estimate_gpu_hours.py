@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from tests.benchmarks import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "estimate_gpu_hours", ROOT / "benchmarks" / "estimate_gpu_hours.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-est = _load()
+est = load_benchmark("estimate_gpu_hours")
 
 
 def vit_forward_flops(tokens: int, width: int, depth: int, patch: int) -> int:

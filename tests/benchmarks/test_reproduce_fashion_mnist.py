@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from tests.benchmarks import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "reproduce_fashion_mnist", ROOT / "benchmarks" / "reproduce_fashion_mnist.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rep = _load()
+rep = load_benchmark("reproduce_fashion_mnist")
 
 
 def fake(arm: str, seed: int, base: float) -> dict:

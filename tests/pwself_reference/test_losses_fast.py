@@ -30,19 +30,6 @@ def _old_token_cross_entropy(teacher_probs, student_log_probs, idx_teacher, idx_
     return ce * valid.to(ce.dtype)
 
 
-def _old_reduce_tokens(ce, valid, loss, lam):
-    cls = ce[:, 0]
-    if loss == "dino":
-        return cls
-    if loss == "sum":
-        return ce.sum(1)
-    if loss == "mean":
-        return ce.sum(1) / valid.sum(1).clamp(min=1).to(ce.dtype)
-    n_patch = valid[:, 1:].sum(1)
-    patch = ce[:, 1:].sum(1) / n_patch.clamp(min=1).to(ce.dtype)
-    return torch.where(n_patch > 0, lam * cls + (1.0 - lam) * patch, cls)
-
-
 class _GatherLoss:
     """The forward and centre update of the gather-based ``PWSelfLoss``."""
 
@@ -67,7 +54,7 @@ class _GatherLoss:
                 else:
                     m = matches[(i, j)]
                     ce = _old_token_cross_entropy(tp, sl, m.idx_a, m.idx_b, m.valid)
-                    per_sample = _old_reduce_tokens(ce, m.valid, self.loss, self.lam)
+                    per_sample = reduce_tokens(ce, m.valid, self.loss, self.lam)
                 total = total + per_sample.mean()
                 n_pairs += 1
         if update_center:
@@ -291,7 +278,7 @@ def test_pair_weights_reproduce_reduce_tokens(batch, m, loss, lam, seed):
     w = pair_weights(valid, loss, lam)
     assert w.shape == valid.shape and not w[~valid].any()
     torch.testing.assert_close((w * ce).sum(1), reduce_tokens(ce, valid, loss, lam))
-    torch.testing.assert_close((w * ce).sum(1), _old_reduce_tokens(ce, valid, loss, lam))
+    torch.testing.assert_close((w * ce).sum(1), reduce_tokens(ce, valid, loss, lam))
 
 
 def test_bad_matches_raise_value_error():
