@@ -394,8 +394,11 @@ def hue_offsets(factor: Tensor, like: Tensor) -> Tensor:
             [-2.,  1.],
             [-4., -1.]])
     """
+    if not isinstance(factor, Tensor) or factor.ndim != 1:
+        raise ValueError(f"factor: expected a (K,) tensor of hue shifts, got "
+                         f"{tuple(getattr(factor, 'shape', ()))} {type(factor).__name__}")
     work = torch.float64 if like.dtype == torch.float64 else torch.float32
-    s = factor.to(device=like.device, dtype=work).reshape(-1)
+    s = factor.to(device=like.device, dtype=work)
     s = s - torch.round(s)  # in [-0.5, 0.5]
     s_r = torch.where(s > 1 / 6, s - 1, s)  # [-5/6, 1/6]: h + 6 s_r in [-6, 6]
     s_b = torch.where(s < -1 / 6, s + 1, s)  # [-1/6, 5/6]: h + 6 s_b - 4 in [-6, 6]
@@ -429,7 +432,17 @@ def hue_with_offsets(x: Tensor, offsets: Tensor, work: Tensor | None = None) -> 
     >>> torch.equal(hue_with_offsets(x.clone(), hue_offsets(f, x)), hue(x, f))
     True
     """
+    p = _square_patches(x)
     n = x.shape[0]
+    if x.shape[1] != 3:
+        raise ValueError(f"x: expected RGB patches (K, 3, p, p), got {tuple(x.shape)}")
+    if tuple(offsets.shape) != (3, n, 1, 1):
+        raise ValueError(f"offsets: expected shape {(3, n, 1, 1)} (from hue_offsets), got "
+                         f"{tuple(offsets.shape)}")
+    if work is not None and (work.ndim != 4 or work.shape[0] != 5 or work.shape[1] < 1
+                             or tuple(work.shape[2:]) != (p, p)):
+        raise ValueError(f"work: expected a (5, M, {p}, {p}) scratch tensor, got "
+                         f"{tuple(work.shape)}")
     if n == 0:
         return x
     if work is None:
@@ -620,17 +633,26 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: tuple[int, int]) -> Ten
     True
     """
     kh, kw = kernel_size
-    p = x.shape[-1]
-    if x.shape[-2] != p:
-        raise ValueError(f"x: expected square patches (K, C, p, p), got {tuple(x.shape)}")
-    for name, k in (("kernel_size[0]", kh), ("kernel_size[1]", kw)):
-        if k < 1 or k % 2 == 0 or k // 2 > p - 1:
-            raise ValueError(f"{name}: expected an odd size in [1, {2 * p - 1}], got {k}")
+    p = _square_patches(x)
+    _check_kernel(kernel_size, p)
     if x.shape[0] == 0 or (kh == 1 and kw == 1):
         return x.clone()
     work_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     mats = blur_matrices(sigma.to(device=x.device, dtype=work_dtype), (kh, kw), p)
     return blur_with_matrices(x, *mats)
+
+
+def _square_patches(x: Tensor) -> int:
+    """``p`` of a ``(K, C, p, p)`` patch batch; ValueError naming ``x`` otherwise."""
+    if x.ndim != 4 or x.shape[-2] != x.shape[-1]:
+        raise ValueError(f"x: expected square patches (K, C, p, p), got {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def _check_kernel(kernel_size: tuple[int, int], p: int) -> None:
+    for name, k in (("kernel_size[0]", kernel_size[0]), ("kernel_size[1]", kernel_size[1])):
+        if k < 1 or k % 2 == 0 or k // 2 > p - 1:
+            raise ValueError(f"{name}: expected an odd size in [1, {2 * p - 1}], got {k}")
 
 
 def blur_matrices(
@@ -643,7 +665,7 @@ def blur_matrices(
     sigma : Tensor
         ``(K,)`` positive, floating; the matrices get its dtype and device.
     kernel_size : tuple of int
-        ``(kH, kW)``, odd, each at most ``2 p - 1`` (not checked here).
+        ``(kH, kW)``, odd, each at most ``2 p - 1``.
     patch_size : int
         ``p``.
 
@@ -660,6 +682,10 @@ def blur_matrices(
     >>> a_h.shape, a_w
     (torch.Size([2, 8, 8]), None)
     """
+    if sigma.ndim != 1 or not sigma.is_floating_point():
+        raise ValueError(f"sigma: expected a (K,) floating tensor, got {tuple(sigma.shape)} "
+                         f"{sigma.dtype}")
+    _check_kernel(kernel_size, patch_size)
     kh, kw = kernel_size
     mat_w = _blur_matrix(sigma, kw, patch_size) if kw > 1 else None
     mat_h = mat_w if kh == kw else (_blur_matrix(sigma, kh, patch_size) if kh > 1 else None)
@@ -691,7 +717,12 @@ def blur_with_matrices(x: Tensor, mat_h: Tensor | None, mat_w: Tensor | None) ->
     >>> torch.equal(blur_with_matrices(x, *mats), gaussian_blur(x, sigma, (5, 5)))
     True
     """
-    n, c, p, _ = x.shape
+    p = _square_patches(x)
+    n, c = x.shape[:2]
+    for name, m in (("mat_h", mat_h), ("mat_w", mat_w)):
+        if m is not None and tuple(m.shape) != (n, p, p):
+            raise ValueError(f"{name}: expected shape {(n, p, p)} for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(m.shape)}")
     mat = mat_w if mat_w is not None else mat_h
     if mat is None:
         return x.clone()

@@ -310,3 +310,27 @@ def test_colour_operators_keep_the_dtype(dtype: torch.dtype, atol: float) -> Non
         assert out.dtype == dtype
         ref = fn(x.double(), f.double())
         torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "arg"),
+    [
+        (lambda: po.blur_matrices(torch.ones(2, 1), (5, 5), 8), "sigma"),
+        (lambda: po.blur_matrices(torch.ones(2), (4, 5), 8), r"kernel_size\[0\]"),
+        (lambda: po.blur_matrices(torch.ones(2), (5, 17), 8), r"kernel_size\[1\]"),
+        (lambda: po.blur_with_matrices(torch.rand(2, 3, 8, 6), None, None), "x"),
+        (lambda: po.blur_with_matrices(torch.rand(2, 3, 8, 8), torch.rand(3, 8, 8), None),
+         "mat_h"),
+        (lambda: po.blur_with_matrices(torch.rand(2, 3, 8, 8), None, torch.rand(2, 4, 4)),
+         "mat_w"),
+        (lambda: po.hue_offsets(torch.rand(2, 2), torch.rand(4, 3, 8, 8)), "factor"),
+        (lambda: po.hue_with_offsets(torch.rand(2, 1, 8, 8), torch.zeros(3, 2, 1, 1)), "x"),
+        (lambda: po.hue_with_offsets(torch.rand(2, 3, 8, 8), torch.zeros(3, 4, 1, 1)),
+         "offsets"),
+        (lambda: po.hue_with_offsets(torch.rand(2, 3, 8, 8), torch.zeros(3, 2, 1, 1),
+                                      torch.empty(4, 2, 8, 8)), "work"),
+    ],
+)
+def test_reusable_kernels_reject_bad_input(call, arg) -> None:
+    with pytest.raises(ValueError, match=arg):
+        call()
