@@ -317,7 +317,37 @@ def gpu_part(repeats: int, device: str = "cuda", batch: int = 256) -> dict[str, 
     kseq = kornia_patch_sequential(jitter, "ColorJiggle").to(dev)
     t = timeit(lambda: kseq(x), max(3, repeats // 3), sync=sync)["median_s"]
     out["kornia_patch_sequential"] = {"median_s": t, "images_per_s": b / t}
+    out["speedup_vs_patchsequential"] = t / out["paper"]["median_s"]
+    out["torch"] = torch.__version__
     return out
+
+
+def gpu_markdown(gpu: dict[str, Any] | None) -> list[str]:
+    """Markdown lines of the GPU part (or a line saying there was none)."""
+    if gpu is None:
+        return [
+            "GPU: not available on the machine that ran this benchmark (the GPU branch "
+            "runs only where CUDA is available)."
+        ]
+    return [
+        f"GPU: {gpu['device']}, torch {gpu.get('torch', '?')}, B = {gpu['batch']} at 224, "
+        f"float32; roofline = image read and written once at the measured copy bandwidth "
+        f"{gpu['copy_bandwidth_GBps']:.0f} GB/s.",
+        "",
+        "| pipeline | ms / batch | images/s | roofline fraction |",
+        "|---|---:|---:|---:|",
+        f"| PatchJitter.paper(16) | {1e3 * gpu['paper']['median_s']:.2f} | "
+        f"{gpu['paper']['images_per_s']:.0f} | {gpu['paper']['roofline_fraction']:.2f} |",
+        f"| PatchJitter.authors(16) | {1e3 * gpu['authors']['median_s']:.2f} | "
+        f"{gpu['authors']['images_per_s']:.0f} | {gpu['authors']['roofline_fraction']:.2f} |",
+        f"| PatchJitter.paper(16), float16 | {1e3 * gpu['paper_fp16']['median_s']:.2f} | "
+        f"{gpu['paper_fp16']['images_per_s']:.0f} | |",
+        f"| Kornia PatchSequential | {1e3 * gpu['kornia_patch_sequential']['median_s']:.2f} | "
+        f"{gpu['kornia_patch_sequential']['images_per_s']:.0f} | |",
+        "",
+        f"PatchJitter.paper(16) is {gpu['speedup_vs_patchsequential']:.1f}x faster than "
+        "PatchSequential on this GPU.",
+    ]
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -378,27 +408,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {row['op']} | {row['patchjitter_ms']:.2f} | {row['kornia_ms']:.2f} | "
             f"{row['speedup']:.1f}x | {row['max_abs_diff']:.1e} |"
         )
-    gpu = res.get("gpu")
     lines.append("")
-    if gpu is None:
-        lines.append(
-            "GPU: not available on the machine that ran this benchmark (the GPU branch "
-            "runs only where CUDA is available)."
-        )
-    else:
-        lines += [
-            f"GPU: {gpu['device']}, B = {gpu['batch']} at 224, float32; roofline = image read and "
-            f"written once at the measured copy bandwidth {gpu['copy_bandwidth_GBps']:.0f} GB/s.",
-            "",
-            "| pipeline | images/s | roofline fraction |",
-            "|---|---:|---:|",
-            f"| PatchJitter.paper(16) | {gpu['paper']['images_per_s']:.0f} | "
-            f"{gpu['paper']['roofline_fraction']:.2f} |",
-            f"| PatchJitter.authors(16) | {gpu['authors']['images_per_s']:.0f} | "
-            f"{gpu['authors']['roofline_fraction']:.2f} |",
-            f"| PatchJitter.paper(16), float16 | {gpu['paper_fp16']['images_per_s']:.0f} | |",
-            f"| Kornia PatchSequential | {gpu['kornia_patch_sequential']['images_per_s']:.0f} | |",
-        ]
+    lines += gpu_markdown(res.get("gpu"))
     return "\n".join(lines) + "\n"
 
 
@@ -486,9 +497,28 @@ def main() -> None:
         default="",
         help="suffix of the result files, e.g. 1thread -> patch_jitter_1thread.*",
     )
+    parser.add_argument(
+        "--gpu-only",
+        action="store_true",
+        help="only the GPU part; writes patch_jitter_gpu.json and .md (into --out)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 10
+    if args.gpu_only:
+        gpu = gpu_part(repeats)
+        if gpu is None:
+            print("error: --gpu-only needs a CUDA device", file=sys.stderr)
+            raise SystemExit(2)
+        print(json.dumps(gpu, indent=2))
+        if not args.no_write:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "patch_jitter_gpu.json").write_text(json.dumps(gpu, indent=2) + "\n")
+            lines = ["# PatchJitter on a GPU", ""] + gpu_markdown(gpu)
+            (args.out / "patch_jitter_gpu.md").write_text("\n".join(lines) + "\n")
+            print(f"wrote {args.out / 'patch_jitter_gpu'}.json and .md")
+        return
     res: dict[str, Any] = {
         "machine": {
             "processor": platform.processor() or platform.machine(),
@@ -549,12 +579,13 @@ def main() -> None:
     print(res["gpu"])
     res["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        results_dir = args.out
+        results_dir.mkdir(parents=True, exist_ok=True)
         stem = "patch_jitter" + (f"_{args.tag}" if args.tag else "")
-        (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-        (RESULTS / f"{stem}.md").write_text(markdown(res))
-        (RESULTS / f"{stem}_table.rst").write_text(rst_table(res))
-        print(f"wrote {RESULTS / stem}.json, .md and _table.rst")
+        (results_dir / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+        (results_dir / f"{stem}.md").write_text(markdown(res))
+        (results_dir / f"{stem}_table.rst").write_text(rst_table(res))
+        print(f"wrote {results_dir / stem}.json, .md and _table.rst")
 
 
 if __name__ == "__main__":
