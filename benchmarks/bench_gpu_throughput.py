@@ -232,7 +232,34 @@ def write_results(payload: dict[str, Any], out: Path) -> list[Path]:
                      f"{r['s_per_step']:.3f} | {ratio} | {mem} |")
     md = out / "gpu_throughput.md"
     md.write_text("\n".join(lines) + "\n")
-    return [js, md]
+    rst = out / "gpu_throughput_table.rst"
+    rst.write_text(rst_table(payload))
+    return [js, md, rst]
+
+
+def rst_table(payload: dict[str, Any]) -> str:
+    """The measurements as a reStructuredText list-table (included by the docs)."""
+    meta, results = payload["meta"], payload["results"]
+    head = ["arch", "config", "batch", "images/s", "s / step", "x DINO time / image",
+            "peak GiB"]
+    out = [f".. list-table:: Training throughput on {meta['device_name']} "
+           f"({meta['precision']} autocast, torch {meta['torch']})",
+           "   :header-rows: 1", ""]
+    rows = [head]
+    dino = {r["arch"]: r for r in results if r["config"] == "dino" and r.get("images_per_s")}
+    for r in results:
+        if not r.get("images_per_s"):
+            rows.append([r["arch"], r["config"], "", r.get("error", ""), "", "", ""])
+            continue
+        d = dino.get(r["arch"])
+        rows.append([f"{r['arch']}/{r['patch_size']}", r["config"], str(r["batch"]),
+                     f"{r['images_per_s']:.1f}", f"{r['s_per_step']:.3f}",
+                     f"{d['images_per_s'] / r['images_per_s']:.2f}x" if d else "",
+                     f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else ""])
+    for row in rows:
+        out.append(f"   * - {row[0]}")
+        out += [f"     - {cell}" for cell in row[1:]]
+    return "\n".join(out) + "\n"
 
 
 def _refuse(message: str) -> None:

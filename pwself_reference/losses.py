@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "LOSSES", "CENTERS", "token_cross_entropy", "reduce_tokens", "pair_weights", "PWSelfLoss",
+    "LOSSES", "CENTERS", "SOFTMAX_LABEL", "CENTER_LABEL", "token_cross_entropy", "reduce_tokens",
+    "pair_weights", "PWSelfLoss",
 ]
 
 LOSSES = ("dino", "mean", "sum", "lambda")
@@ -72,6 +73,8 @@ LOSSES = ("dino", "mean", "sum", "lambda")
 #: softmax-gradient passes around it (the work a per-token DINO loss would do as well);
 #: the rest of the loss's time is the matched pairs, the weights and the centre update
 SOFTMAX_LABEL = "PWSelfLoss.softmax_every_token"
+#: torch.profiler label of the centre update (a read of every teacher output, tokens x K)
+CENTER_LABEL = "PWSelfLoss.update_center"
 CENTERS = ("global", "per-token")
 
 
@@ -596,22 +599,42 @@ class PWSelfLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out: Sequence[torch.Tensor]) -> None:
         """EMA update of the centre with the batch mean of the teacher outputs."""
+        with torch.profiler.record_function(CENTER_LABEL):
+            batch_sum, count = self._batch_sum(teacher_out)
+            count_t = torch.tensor(float(count), device=batch_sum.device)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(batch_sum)
+                dist.all_reduce(count_t)
+            batch_center = batch_sum.div_(count_t)  # in place: no more (1, T, K) buffers
+            self.center.mul_(self.center_momentum).add_(batch_center,
+                                                        alpha=1 - self.center_momentum)
+
+    def _batch_sum(self, teacher_out: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Float32 sum of the teacher outputs over the batch and the views (and the tokens
+        for the global centre), and the number of rows summed."""
+        if not teacher_out:
+            raise ValueError("update_center needs at least one teacher output")
+        outs = list(teacher_out)
+        tokens = outs[0].shape[1]
+        per_token = self.center_mode == "per-token"
+        # outputs that tile one tensor (the teacher head's output) are summed in one pass
+        fused = (_common_base_rows(outs, [x.shape[1] for x in outs])
+                 if all(x.shape[1] == tokens for x in outs) else None)
+        if fused is not None:
+            rows = fused[0].detach()
+            if per_token:
+                flat = rows.view(-1, tokens, rows.shape[-1])
+                return flat.sum(0, keepdim=True, dtype=torch.float32), flat.shape[0]
+            return rows.sum(0, dtype=torch.float32).view(1, 1, -1), rows.shape[0]
         batch_sum = None  # a running sum over the views, no concatenation
         count = 0
-        for x in teacher_out:
+        for x in outs:
             x = x.detach()
-            if self.center_mode == "per-token":
+            if per_token:
                 view_sum = x.sum(0, keepdim=True, dtype=torch.float32)  # (1, T, K)
                 count += x.shape[0]
             else:
                 view_sum = x.sum((0, 1), dtype=torch.float32).view(1, 1, -1)
                 count += x.shape[0] * x.shape[1]
             batch_sum = view_sum if batch_sum is None else batch_sum.add_(view_sum)
-        if batch_sum is None:
-            raise ValueError("update_center needs at least one teacher output")
-        count_t = torch.tensor(float(count), device=batch_sum.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_sum)
-            dist.all_reduce(count_t)
-        batch_center = batch_sum.div_(count_t)  # in place: no more (1, T, K) buffers
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        return batch_sum, count

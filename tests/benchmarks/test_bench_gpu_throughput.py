@@ -50,10 +50,14 @@ def test_smoke_times_every_config_on_cpu(tmp_path: Path) -> None:
     assert [r["loss"] for r in results] == ["dino", "mean", "mean"]
 
     files = bench.write_results(payload, tmp_path)
-    assert [f.name for f in files] == ["gpu_throughput.json", "gpu_throughput.md"]
+    assert [f.name for f in files] == ["gpu_throughput.json", "gpu_throughput.md",
+                                       "gpu_throughput_table.rst"]
     assert json.loads(files[0].read_text()) == json.loads(json.dumps(payload))
     md = files[1].read_text()
     assert "SMOKE RUN" in md and md.count("| vit_small/8 |") == 3
+    rst = files[2].read_text()
+    assert rst.startswith(".. list-table::") and rst.count("   * - vit_small/8") == 3
+    assert "     - 1.00x" in rst  # DINO against itself
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

@@ -381,3 +381,20 @@ def test_overlapping_views_of_one_tensor():
     g_want, = torch.autograd.grad(want, base)
     assert float((g_got - g_want).abs().max()) <= 1e-5 * float(g_want.abs().max())
     assert not g_got[-views[3].shape[0] * views[3].shape[1]:].any()
+
+
+@pytest.mark.parametrize("center", ["global", "per-token"])
+def test_centre_of_outputs_tiling_one_tensor_equals_the_per_view_sum(center):
+    # the teacher head's output, cut into views, is summed in one pass: same centre
+    g = torch.Generator().manual_seed(12)
+    base = 3 * torch.randn(3 * 4 * 6, 10, generator=g)
+    tiled = list(base.view(3, 4, 6, 10).unbind(0))
+    separate = [t.clone() for t in tiled]
+    a = PWSelfLoss(10, n_teacher_tokens=6, center=center)
+    b = PWSelfLoss(10, n_teacher_tokens=6, center=center)
+    a.update_center(tiled)
+    b.update_center(separate)
+    torch.testing.assert_close(a.center, b.center, rtol=1e-6, atol=1e-7)
+    ref = _GatherLoss(torch.zeros_like(a.center), center, "mean", 0.5, 0.04)
+    ref.update_center(separate)
+    torch.testing.assert_close(a.center, ref.center, rtol=1e-6, atol=1e-7)
