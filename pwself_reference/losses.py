@@ -231,9 +231,19 @@ def _in_place(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _to_csr(weights: torch.Tensor) -> torch.Tensor:
+@contextlib.contextmanager
+def _quiet_sparse():
+    """Silence torch's one-off notices about sparse tensors: CSR support "in beta", and
+    (torch 2.11 on CUDA) invariant checks "implicitly disabled". The sparse matrices here
+    are built from valid indices and checked by the tests."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+        warnings.filterwarnings("ignore", message=".*[Ss]parse invariant checks are implicitly.*")
+        yield
+
+
+def _to_csr(weights: torch.Tensor) -> torch.Tensor:
+    with _quiet_sparse():
         return weights.to_sparse_csr()
 
 
@@ -299,7 +309,8 @@ class _MatchedCrossEntropy(torch.autograd.Function):
             loss = -torch.dot(probs.reshape(-1), log_p.reshape(-1))
         else:
             mask = _to_csr(weights)
-            dots = torch.sparse.sampled_addmm(mask, log_p, probs.t(), beta=0.0)
+            with _quiet_sparse():
+                dots = torch.sparse.sampled_addmm(mask, log_p, probs.t(), beta=0.0)
             loss = -(dots.values() * mask.values()).sum()
             row_sum = torch.zeros(log_p.shape[0], dtype=torch.float32, device=log_p.device)
             row_sum.index_add_(0, weights.indices()[0], weights.values())
@@ -312,10 +323,11 @@ class _MatchedCrossEntropy(torch.autograd.Function):
             if weights is None:
                 grad.sub_(probs, alpha=1.0 / temp)
             else:
-                neg = torch.sparse_coo_tensor(weights.indices(), weights.values() / -temp,
-                                              weights.shape, is_coalesced=True,
-                                              check_invariants=False)
-                grad.addmm_(neg, probs)
+                with _quiet_sparse():
+                    neg = torch.sparse_coo_tensor(weights.indices(), weights.values() / -temp,
+                                                  weights.shape, is_coalesced=True,
+                                                  check_invariants=False)
+                    grad.addmm_(neg, probs)
             ctx.save_for_backward(grad)
         return loss
 
@@ -543,10 +555,11 @@ class PWSelfLoss(nn.Module):
                             vals.append(v)
                     if not rows:  # a view without a teacher view to pair with
                         continue
-                    a = torch.sparse_coo_tensor(
-                        torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals),
-                        (n_rows, probs.shape[0]), check_invariants=False,
-                    ).coalesce()
+                    with _quiet_sparse():
+                        a = torch.sparse_coo_tensor(
+                            torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals),
+                            (n_rows, probs.shape[0]), check_invariants=False,
+                        ).coalesce()
                     total = total + _MatchedCrossEntropy.apply(x, temp, probs, a, None,
                                                                need_grad)
                 else:  # CLS rows only, dense targets: the other views' teacher CLS
