@@ -327,7 +327,7 @@ def gpu_markdown(gpu: dict[str, Any] | None) -> list[str]:
     if gpu is None:
         return [
             "GPU: not available on the machine that ran this benchmark (the GPU branch "
-            "runs only where CUDA is available)."
+            "runs only where CUDA is available; `--gpu-only` writes patch_jitter_gpu.md)."
         ]
     return [
         f"GPU: {gpu['device']}, torch {gpu.get('torch', '?')}, B = {gpu['batch']} at 224, "
