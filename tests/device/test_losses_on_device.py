@@ -58,7 +58,12 @@ def test_half_precision_outputs_give_a_float32_loss(device, dtype):
     value = crit(s, _to(device, teacher, False), m, epoch=1)
     assert value.dtype == torch.float32 and torch.isfinite(value)
     ref = _criterion("mean", "per-token", teacher[0].shape[1], 64, "cpu")
-    want = ref([x.detach().float() for x in student], [x.float() for x in teacher], matches, 1)
-    torch.testing.assert_close(value.cpu(), want, rtol=1e-5, atol=1e-5)
+    s32 = [x.detach().float().requires_grad_() for x in student]
+    want = ref(s32, [x.float() for x in teacher], matches, 1)
+    torch.testing.assert_close(value.cpu(), want.detach(), rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(value, s)
     assert all(g.dtype == dtype and torch.isfinite(g.float()).all() for g in grads)
+    # the gradient of the float32 loss, up to the rounding to the outputs' dtype
+    ulp = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    for g, r in zip(grads, torch.autograd.grad(want, s32)):
+        assert float((g.float().cpu() - r).abs().max()) <= 2 * ulp * float(r.abs().max())

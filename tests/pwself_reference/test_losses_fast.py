@@ -398,3 +398,78 @@ def test_centre_of_outputs_tiling_one_tensor_equals_the_per_view_sum(center):
     ref = _GatherLoss(torch.zeros_like(a.center), center, "mean", 0.5, 0.04)
     ref.update_center(separate)
     torch.testing.assert_close(a.center, ref.center, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the bfloat16 route
+def _saved_buffers(loss):
+    """The gradient buffers the loss's autograd nodes keep for the backward pass."""
+    out, todo, seen = [], [loss.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if "MatchedCrossEntropy" in type(fn).__name__:
+            out += list(fn.saved_tensors)
+        todo += [f for f, _ in fn.next_functions]
+    return out
+
+
+def _bf16_and_float32_runs(seed, loss, center, monkeypatch, chunk_rows=None, k=24):
+    """The loss and gradients of bfloat16 outputs, and of the same values in float32."""
+    import pwself_reference.losses as losses
+
+    if chunk_rows is not None:  # several chunks, some without any matched row
+        monkeypatch.setattr(losses, "_CHUNK_VALUES", chunk_rows * k)
+    teacher, student, matches = _views(seed, k=k, dtype=torch.bfloat16)
+    crit, _ = _criteria(loss, center, teacher[0].shape[1], k, seed=seed)
+    got = crit(student, teacher, matches, epoch=1, update_center=False)
+    saved = _saved_buffers(got)
+    assert saved and all(b.dtype == torch.bfloat16 for b in saved)  # no float32 copy kept
+    g_got = torch.autograd.grad(got, student)
+    student32 = [s.detach().float().requires_grad_() for s in student]
+    want = crit(student32, [t.float() for t in teacher], matches, epoch=1, update_center=False)
+    g_want = torch.autograd.grad(want, student32)
+    return got, want, g_got, g_want, student
+
+
+@pytest.mark.parametrize("loss", ["mean", "sum", "lambda"])
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_bfloat16_outputs_give_the_float32_loss_and_its_rounded_gradient(loss, chunk_rows,
+                                                                         monkeypatch):
+    got, want, g_got, g_want, _ = _bf16_and_float32_runs(3, loss, "per-token", monkeypatch,
+                                                         chunk_rows)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_got, g_want):
+        assert a.dtype == torch.bfloat16
+        # the same float32 gradient, rounded once to bfloat16
+        assert torch.equal(a, b.to(torch.bfloat16))
+
+
+def test_bfloat16_gradient_of_a_scaled_loss(monkeypatch):
+    _, _, g_unit, _, student = _bf16_and_float32_runs(4, "mean", "global", monkeypatch, 7)
+    teacher, _, matches = _views(4, dtype=torch.bfloat16)
+    crit, _ = _criteria("mean", "global", teacher[0].shape[1], 24, seed=4)
+    scaled = crit(student, teacher, matches, epoch=1, update_center=False) * 0.3
+    for a, b in zip(torch.autograd.grad(scaled, student), g_unit):
+        torch.testing.assert_close(a.float(), 0.3 * b.float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_bfloat16_fused_views_equal_separate_views(monkeypatch):
+    import pwself_reference.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_VALUES", 6 * 24)
+    teacher, student, matches = _views(5, dtype=torch.bfloat16)
+    base = torch.cat([s.detach().reshape(-1, 24) for s in student]).requires_grad_()
+    views, start = [], 0
+    for s in student:
+        views.append(base[start:start + s[..., 0].numel()].view(s.shape))
+        start += s[..., 0].numel()
+    crit, _ = _criteria("mean", "global", teacher[0].shape[1], 24, seed=5)
+    fused = crit(views, teacher, matches, epoch=1, update_center=False)
+    (g_fused,) = torch.autograd.grad(fused, base)
+    separate = crit(student, teacher, matches, epoch=1, update_center=False)
+    g_sep = torch.cat([g.reshape(-1, 24) for g in torch.autograd.grad(separate, student)])
+    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-6)
+    assert g_fused.dtype == torch.bfloat16 and torch.equal(g_fused, g_sep)
