@@ -48,7 +48,9 @@ token position, a ``(T, K)`` buffer (the authors' code). Both are updated with
 an EMA (momentum 0.9 by default) of the batch mean, averaged over processes.
 
 The loss is computed in float32 with autocast disabled, whatever the dtype of
-the network outputs (the gradient is returned in the outputs' dtype).
+the network outputs (the gradient is returned in the outputs' dtype). For
+bfloat16 outputs (bf16 autocast) the float32 work runs on chunks of rows and
+the gradient buffer is kept in bfloat16, which halves the loss's memory.
 """
 
 from __future__ import annotations
