@@ -165,6 +165,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.device != "cpu":
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as err:
+            parser.error(f"--device: expected cpu or a torch device such as cuda, got "
+                         f"{args.device!r} ({err})")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device here; the benchmark of record is "
+                         "--device cpu")
         res = device_timing(args.device, args.repeat)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "matching_gpu.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -328,10 +328,7 @@ class _MatchedCrossEntropy(torch.autograd.Function):
         if weights is None:
             loss = -torch.dot(probs.reshape(-1), log_p.reshape(-1))
         else:
-            mask = _to_csr(weights)
-            with _quiet_sparse():
-                dots = torch.sparse.sampled_addmm(mask, log_p, probs.t(), beta=0.0)
-            loss = -(dots.values() * mask.values()).sum()
+            loss = -_matched_dot(weights, log_p, probs)
             row_sum = torch.zeros(log_p.shape[0], dtype=torch.float32, device=log_p.device)
             row_sum.index_add_(0, weights.indices()[0], weights.values())
         if need_grad:  # (ctx.needs_input_grad is True under no_grad too)
@@ -341,11 +338,7 @@ class _MatchedCrossEntropy(torch.autograd.Function):
             if weights is None:
                 grad.sub_(probs, alpha=1.0 / temp)
             else:
-                with _quiet_sparse():
-                    neg = torch.sparse_coo_tensor(weights.indices(), weights.values() / -temp,
-                                                  weights.shape, is_coalesced=True,
-                                                  check_invariants=False)
-                    grad.addmm_(neg, probs)
+                _subtract_targets(grad, weights, probs, temp)
             ctx.save_for_backward(grad)
         return loss
 
@@ -367,6 +360,24 @@ class _MatchedCrossEntropy(torch.autograd.Function):
         else:
             grad = grad * grad_out.to(grad.dtype)
         return grad.view(ctx.student_shape).to(ctx.student_dtype), None, None, None, None, None
+
+
+def _matched_dot(weights: torch.Tensor, log_p: torch.Tensor, probs: torch.Tensor
+                 ) -> torch.Tensor:
+    """``sum(A * (log_p @ P^T))`` for coalesced sparse ``A``, evaluated at its entries only."""
+    mask = _to_csr(weights)
+    with _quiet_sparse():
+        dots = torch.sparse.sampled_addmm(mask, log_p, probs.t(), beta=0.0)
+    return (dots.values() * mask.values()).sum()
+
+
+def _subtract_targets(grad: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor,
+                      temp: float) -> None:
+    """``grad -= (A @ P) / temp`` in place, for coalesced sparse ``A``."""
+    with _quiet_sparse():
+        neg = torch.sparse_coo_tensor(weights.indices(), weights.values() / -temp,
+                                      weights.shape, is_coalesced=True, check_invariants=False)
+        grad.addmm_(neg, probs)
 
 
 #: float32 values per chunk of the bfloat16 route of :class:`_MatchedCrossEntropy` (1 GiB)
@@ -403,19 +414,14 @@ def _chunked_cross_entropy(student: torch.Tensor, temp: float, probs: torch.Tens
             with _quiet_sparse():
                 sub = torch.sparse_coo_tensor(index, vals[lo:hi], (r1 - r0, probs.shape[0]),
                                               is_coalesced=True, check_invariants=False)
-                mask = _to_csr(sub)
-                dots = torch.sparse.sampled_addmm(mask, log_p, probs.t(), beta=0.0)
-            loss = loss - (dots.values() * mask.values()).sum()
+            loss = loss - _matched_dot(sub, log_p, probs)
         if grad is None:
             continue
         with torch.profiler.record_function(SOFTMAX_LABEL):
             g = log_p.exp_()
             g.mul_((row_sum[r0:r1] / temp).unsqueeze(-1))
         if sub is not None:
-            with _quiet_sparse():
-                neg = torch.sparse_coo_tensor(sub.indices(), sub.values() / -temp, sub.shape,
-                                              is_coalesced=True, check_invariants=False)
-                g.addmm_(neg, probs)
+            _subtract_targets(g, sub, probs, temp)
         grad[r0:r1].copy_(g)
     return loss, grad
 

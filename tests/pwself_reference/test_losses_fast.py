@@ -461,11 +461,7 @@ def test_bfloat16_fused_views_equal_separate_views(monkeypatch):
 
     monkeypatch.setattr(losses, "_CHUNK_VALUES", 6 * 24)
     teacher, student, matches = _views(5, dtype=torch.bfloat16)
-    base = torch.cat([s.detach().reshape(-1, 24) for s in student]).requires_grad_()
-    views, start = [], 0
-    for s in student:
-        views.append(base[start:start + s[..., 0].numel()].view(s.shape))
-        start += s[..., 0].numel()
+    base, views = _as_views_of_one_tensor(student)
     crit, _ = _criteria("mean", "global", teacher[0].shape[1], 24, seed=5)
     fused = crit(views, teacher, matches, epoch=1, update_center=False)
     (g_fused,) = torch.autograd.grad(fused, base)
