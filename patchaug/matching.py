@@ -136,6 +136,14 @@ class _NumpyOps:
         return out
 
     @staticmethod
+    def intersect(lo, hi):
+        """``(2, 1, axis, N)``: start and end of the two views' intersection per axis."""
+        out = np.empty((2, *lo.shape[1:]), dtype=lo.dtype)
+        np.maximum(lo[0], lo[1], out=out[0])
+        np.minimum(hi[0], hi[1], out=out[1])
+        return out[:, None]
+
+    @staticmethod
     def moveaxis_last_first(x):
         return x.transpose(-1, *range(x.ndim - 1))
 
@@ -183,6 +191,10 @@ class _TorchOps:
     @staticmethod
     def stack(a, b, shape: tuple[int, ...]):
         return torch.stack([a.expand(shape), b.expand(shape)])
+
+    @staticmethod
+    def intersect(lo, hi):
+        return torch.stack([torch.maximum(lo[0], lo[1]), torch.minimum(hi[0], hi[1])])[:, None]
 
     @staticmethod
     def moveaxis_last_first(x):
@@ -233,9 +245,10 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _as_boxes(box: object, name: str, device: torch.device | None, xp=_TorchOps):
-    """Checked ``(..., 4)`` boxes in the work dtype: a tensor on ``device`` (default: its
-    own) or, for ``xp=_NumpyOps``, a float64 numpy array."""
+def _as_boxes(box: object, name: str, device: torch.device | None, xp=_TorchOps,
+              check: bool = True):
+    """``(..., 4)`` boxes in the work dtype: a tensor on ``device`` (default: its own) or,
+    for ``xp=_NumpyOps``, a float64 numpy array; with ``check``, finite and ordered."""
     if isinstance(box, torch.Tensor):
         if box.dtype == torch.bool or box.is_complex():
             raise TypeError(f"{name} must hold real numbers, got dtype {box.dtype}")
@@ -258,11 +271,24 @@ def _as_boxes(box: object, name: str, device: torch.device | None, xp=_TorchOps)
         if device is not None:
             t = t.to(device)
         t = t.to(_work_dtype(t.device))
+    if check:
+        _check_box_values(xp, t, name)
+    return t
+
+
+def _check_box_values(xp, t, name: str) -> None:
     if not bool(xp.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got NaN or inf")
     if not bool((t[..., 2:] > t[..., :2]).all()):
         raise ValueError(f"{name} must satisfy x1 > x0 and y1 > y0 for every box")
-    return t
+
+
+def _widths_ok(length) -> bool:
+    """Whether every width is positive and finite: then every box is finite and ordered
+    (an infinite or NaN corner gives an infinite or NaN width). ``False`` for no boxes."""
+    if length.shape[-1] == 0:
+        return False
+    return bool(length.min() > 0) and bool(length.max() < math.inf)
 
 
 _NUMPY_DTYPES = (torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
@@ -290,45 +316,40 @@ def _as_flip(flip: object, name: str, device: torch.device | None, xp=_TorchOps)
 # nothing selected, slots past the selection) may hold any value.
 
 
-def _select_half(xp, lo, hi, i0, i1, n, n2):
+def _select_half(xp, lo, length, ends, n, n2):
     """Contiguous range ``[start, start + count)`` of patches more than half covered.
 
     Patch ``k`` spans ``[lo + k w, lo + (k + 1) w)`` with ``w = L / n``. It is more than
     half covered by ``[i0, i1)`` iff its centre lies strictly inside and ``i1 - i0 > w / 2``.
     Scaled by ``2 n`` (``n2``) the centre test reads ``a0 < (2k + 1) L < a1`` with
     ``a = 2 n (i - lo)``: integers for integer boxes, so the closed form below is exact
-    (an exact tie, ``(2k + 1) L == a``, is excluded).
+    (an exact tie, ``(2k + 1) L == a``, is excluded). ``ends``: ``(2, 1, axis, N)``, the
+    intersection's ``i0`` and ``i1``. An axis without intersection selects nothing.
     """
-    length = hi - lo
-    # in place, in the order of first = floor((a0 - 1) / 2) + 1, stop = ceil((a1 - 1) / 2)
-    first = i0 - lo
-    first *= n2
-    first /= length
-    first -= 1
-    first /= 2
+    # both ends at once, in place, in the order of first = floor((a0 - 1) / 2) + 1 and
+    # stop = ceil((a1 - 1) / 2)
+    a = ends - lo  # (2, view, axis, N)
+    a *= n2
+    a /= length
+    a -= 1
+    a /= 2
+    first, stop = a[0], a[1]
     xp.floor(first, out=first)
     first += 1  # >= 0 as i0 >= lo
-    stop = i1 - lo
-    stop *= n2
-    stop /= length
-    stop -= 1
-    stop /= 2
     xp.ceil(stop, out=stop)
     xp.minimum(stop, n, out=stop)
-    wide = n2 * (i1 - i0) > length
     stop -= first
     count = xp.clamp_min(stop, 0, out=stop)
-    count *= wide
+    count *= n2 * (ends[1] - ends[0]) > length  # the intersection is over half a patch wide
     # a line whose intersection starts past its end has nothing selected: bound its start
     return xp.minimum(first, n, out=first), count
 
 
-def _select_official(xp, lo, hi, i0, i1, n):
+def _select_official(xp, lo, length, ends, n):
     """The authors' rounded start and length, in their float order, clamped to ``[0, n]``."""
-    span = hi - lo
-    start = xp.rint(n * ((i0 - lo) / span))
-    length = xp.rint(n * ((i1 - i0) / span))
-    end = xp.minimum(start + length, n)
+    start = xp.rint(n * ((ends[0] - lo) / length))
+    size = xp.rint(n * ((ends[1] - ends[0]) / length))  # negative without intersection
+    end = xp.minimum(start + size, n)
     start = xp.minimum(start, n)
     return start, xp.clamp_min(end - start, 0)
 
@@ -353,39 +374,46 @@ def _subsample(i, n_big, n_small, official: bool):
     return xp.floor(value, out=value)
 
 
-def _lines(xp, lo, hi, consts, rule: str) -> dict:
-    """What each line selects. ``lo``, ``hi``: ``(view, axis, N)``, on numpy or torch.
+def _lines(xp, lo, hi, length, consts, rule: str) -> dict:
+    """What each line selects. ``lo``, ``hi``, ``length = hi - lo``: ``(view, axis, N)``,
+    on numpy or torch.
 
     Returns ``start``, ``count`` ``(view, axis, N)`` and ``n_small`` ``(axis, N)`` (pairs
-    per axis), float64; for ``"centre"`` also ``query`` ``(view, axis, N)`` (the view
-    whose selection is kept, exactly one per axis) and, per axis, the query line
-    (``src_*``) and the other line (``dst_*``).
+    per axis), float64. A sample has pairs iff ``n_small`` is positive on both axes (an
+    axis without intersection selects nothing on either view; the other axis may still
+    select). For ``"centre"`` also ``query`` ``(view, axis, N)`` (the view whose selection
+    is kept, exactly one per axis) and ``step``, ``offset``, ``den``: slot ``k`` of a line
+    holds patch ``floor((k * step + offset) / den)`` (``start + k`` on the query line).
     """
     n = consts["n"]
-    # intersection per axis, (1, axis, N); elementwise ops beat reductions over a dim of 2
-    i0 = xp.maximum(lo[:1], lo[1:])
-    i1 = xp.minimum(hi[:1], hi[1:])
-    inter = i1 > i0
-    overlaps = inter[:, :1] & inter[:, 1:]  # (1, 1, N): empty on one axis = empty
+    ends = xp.intersect(lo, hi)
     if rule == "official":
-        start, count = _select_official(xp, lo, hi, i0, i1, n)
+        start, count = _select_official(xp, lo, length, ends, n)
     else:
-        start, count = _select_half(xp, lo, hi, i0, i1, n, consts["n2"])
-    count = count * overlaps
+        start, count = _select_half(xp, lo, length, ends, n, consts["n2"])
     out = {"start": start, "count": count, "n_small": xp.minimum(count[0], count[1])}
     if rule == "centre":
-        # query = line with fewer selected patches; on a tie, the finer patches, then view a
+        # query = line with fewer selected patches; on a tie the finer patches (L / n < L_o / n_o,
+        # compared as L n_o < L_o n), then view a
         c_o = xp.flip_views(count)
-        width = (hi - lo) / n
-        w_o = xp.flip_views(width)
-        query = (count < c_o) | ((count == c_o) & ((width < w_o) | ((width == w_o) & consts["first"])))
-        qa = query[0]
-        src_lo, dst_lo = xp.where(qa, lo[0], lo[1]), xp.where(qa, lo[1], lo[0])
-        src_hi, dst_hi = xp.where(qa, hi[0], hi[1]), xp.where(qa, hi[1], hi[0])
-        n_dst = xp.where(qa, n[1], n[0])
-        out.update(query=query, src_start=xp.where(qa, start[0], start[1]), src_lo=src_lo,
-                   src_width=src_hi - src_lo, src_n=xp.where(qa, n[0], n[1]), dst_lo=dst_lo,
-                   dst_width=dst_hi - dst_lo, dst_n=n_dst, dst_last=n_dst - 1)
+        scaled = length * consts["n_other"]
+        s_o = xp.flip_views(scaled)
+        query = (count < c_o) | ((count == c_o) & ((scaled < s_o) | ((scaled == s_o) & consts["first"])))
+        # slot k of the other line: the patch under the centre of the query's patch start_o + k,
+        # floor((lo_o + (start_o + k + 0.5) L_o / n_o - lo) n / L), multiplied through by
+        # 2 n_o L: integers for integer boxes, so a centre on a patch border goes exactly to
+        # the patch after it (patches are half-open)
+        l_o = xp.flip_views(length)
+        offset = xp.flip_views(lo) - lo
+        offset *= consts["n2_other"]
+        centre = xp.flip_views(start) * 2
+        centre += 1
+        centre *= l_o
+        offset += centre
+        offset *= n
+        scaled *= 2
+        out.update(query=query, step=xp.where(query, 1.0, l_o * consts["n2"]),
+                   offset=xp.where(query, start, offset), den=xp.where(query, 1.0, scaled))
     return out
 
 
@@ -413,23 +441,17 @@ def _slot_tokens(xp, lines: dict, consts, flips, rule: str, cls: bool):
         x *= mult
         x += xp.to_int(lines["start"]) * mult + add  # index = start + subsample
         return x
-    # the query line keeps its patches; the other line takes the patch that contains
-    # the centre of each: (slot, axis, N). In place, in the order of the closed form
-    # floor((lo_s + (k + 0.5) * width_s / n_s - lo_d) * n_d / width_d).
-    q = lines["src_start"] + slots[..., 0]
-    x = q + 0.5
-    x *= lines["src_width"]
-    x /= lines["src_n"]
-    x += lines["src_lo"]  # centre of patch k of the query line
-    x -= lines["dst_lo"]
-    x *= lines["dst_n"]
-    x /= lines["dst_width"]
-    xp.floor(x, out=x)
-    xp.minimum(x, lines["dst_last"], out=x)
-    x = xp.where(lines["query"], q[:, None], xp.clamp_min(x, 0, out=x)[:, None])
-    x *= mult  # exact small integers in float64
+    # the query line keeps its patches; the other line takes the patch under the centre of
+    # each, clamped to the grid: (slot, view, axis, N)
+    x = slots * lines["step"]
+    x += lines["offset"]
+    x /= lines["den"]
+    x = xp.clamp_min(x, 0, out=x)
+    xp.minimum(x, consts["last"], out=x)
+    x = xp.to_int(x)  # truncation is the floor here
+    x *= mult
     x += add
-    return xp.to_int(x)
+    return x
 
 
 @functools.lru_cache(maxsize=64)
@@ -441,6 +463,9 @@ def _grid_consts(cols_a: int, rows_a: int, cols_b: int, rows_b: int, device: tor
     out = {
         "n": n,  # (view, axis, 1) patch counts
         "n2": 2 * n,
+        "last": n - 1,
+        "n_other": n.flip(0),
+        "n2_other": 2 * n.flip(0),
         "first": torch.tensor([True, False], device=device)[:, None, None],  # view a
         "slots": torch.arange(k_max + 1, device=device, dtype=dtype)[:, None, None, None],
         # token part of index k on each line: k * (mult + mult_flip * flip)
@@ -548,9 +573,10 @@ def match_patches(
 
     device = next((t.device for t in (box_a, box_b) if isinstance(t, torch.Tensor)), None)
     xp = _NumpyOps if _NUMPY_ON_CPU and (device is None or device.type == "cpu") else _TorchOps
-    ba = _as_boxes(box_a, "box_a", device, xp)
+    # the values are checked below, at once for both, on their widths
+    ba = _as_boxes(box_a, "box_a", device, xp, check=False)
     dev = torch.device("cpu") if xp is _NumpyOps else ba.device
-    bb = _as_boxes(box_b, "box_b", dev, xp)
+    bb = _as_boxes(box_b, "box_b", dev, xp, check=False)
     if xp is _TorchOps:  # integer outputs: no graph (and in-place steps below)
         ba, bb = ba.detach(), bb.detach()
     fa = _as_flip(flip_a, "flip_a", dev, xp)
@@ -573,7 +599,12 @@ def match_patches(
         boxes = boxes.reshape(2, 4, size)
         flips = xp.stack(fa, fb, batch).reshape(2, 1, size)
         # lo, hi: (view, axis, N) with axis 0 = cols (x), 1 = rows (y)
-        lines = _lines(xp, boxes[:, :2], boxes[:, 2:], consts, rule)
+        lo, hi = boxes[:, :2], boxes[:, 2:]
+        length = hi - lo
+        if not _widths_ok(length):  # find which argument is wrong (an overflow may pass)
+            _check_box_values(xp, ba, "box_a")
+            _check_box_values(xp, bb, "box_b")
+        lines = _lines(xp, lo, hi, length, consts, rule)
         n_small = lines["n_small"]
         key = xp.to_torch(xp.to_int(n_small[1] * (max_cols + 1) + n_small[0]))  # n_rows, n_cols
         # (slot, view, axis, N); slot max_rows (max_cols) of the row (column) parts is the

@@ -435,6 +435,57 @@ def test_centre_rule_pairs_each_query_patch_with_the_patch_containing_its_centre
         assert bool((gap <= max(wa[axis], wb[axis]) / 2 + 1e-9).all())
 
 
+def reference_centre(box_a, box_b, grid_a, grid_b, flip_a, flip_b):
+    """The centre rule in exact arithmetic (Fractions): per axis, each selected patch of the
+    query (fewer selected; on a tie the finer patches, then view a) is paired with the patch
+    of the other view whose half-open interval holds its centre."""
+    (ra, ca), (rb, cb) = grid_a, grid_b
+    pairs = [(0, 0)]
+    i0x, i1x = max(box_a[0], box_b[0]), min(box_a[2], box_b[2])
+    i0y, i1y = max(box_a[1], box_b[1]), min(box_a[3], box_b[3])
+    if i1x <= i0x or i1y <= i0y:
+        return pairs
+
+    def axis(lo_a, hi_a, n_a, lo_b, hi_b, n_b, i0, i1):
+        sel_a, sel_b = covered(lo_a, hi_a, n_a, i0, i1), covered(lo_b, hi_b, n_b, i0, i1)
+        w_a, w_b = Fraction(hi_a - lo_a, n_a), Fraction(hi_b - lo_b, n_b)
+        n = min(len(sel_a), len(sel_b))
+        a_is_query = (len(sel_a), w_a) <= (len(sel_b), w_b)
+        if a_is_query:
+            q = sel_a[:n]
+            return q, [min(n_b - 1, math.floor((lo_a + (k + Fraction(1, 2)) * w_a - lo_b) / w_b))
+                       for k in q]
+        q = sel_b[:n]
+        return [min(n_a - 1, math.floor((lo_b + (k + Fraction(1, 2)) * w_b - lo_a) / w_a))
+                for k in q], q
+
+    rows_a, rows_b = axis(box_a[1], box_a[3], ra, box_b[1], box_b[3], rb, i0y, i1y)
+    cols_a, cols_b = axis(box_a[0], box_a[2], ca, box_b[0], box_b[2], cb, i0x, i1x)
+    for i in range(len(rows_a)):
+        for j in range(len(cols_a)):
+            c_a = ca - 1 - cols_a[j] if flip_a else cols_a[j]
+            c_b = cb - 1 - cols_b[j] if flip_b else cols_b[j]
+            pairs.append((1 + rows_a[i] * ca + c_a, 1 + rows_b[i] * cb + c_b))
+    return pairs
+
+
+@given(views(), views())
+def test_centre_rule_on_integer_boxes_equals_exact_arithmetic(va, vb):
+    (ba, ga, fa), (bb, gb, fb) = va, vb
+    m = match_patches(ba, bb, ga, gb, fa, fb, rule="centre")
+    assert m.pairs() == reference_centre(ba, bb, ga, gb, fa, fb)
+
+
+def test_a_centre_on_a_patch_border_goes_to_the_patch_after_it():
+    # a: patches [0, 1), [1, 2), [2, 3) with centres 0.5, 1.5, 2.5, exactly on borders of b's
+    # half-width patches; a has fewer selected patches, so it is the query
+    m = match_patches((0, 0, 3, 1), (0, 0, 3, 1), (1, 3), (1, 6), rule="centre", cls=False)
+    assert m.pairs() == [(0, 1), (1, 3), (2, 5)]
+    m = match_patches((0, 0, 3, 1), (0, 0, 3, 1), (1, 3), (1, 6), False, True, rule="centre",
+                      cls=False)
+    assert m.pairs() == [(0, 4), (1, 2), (2, 0)]  # b mirrored: column j is shown at 5 - j
+
+
 def test_float_boxes_follow_the_half_rule_with_a_tie_excluded():
     # view b: 4 patches of width 1 on [0, 4); intersection [0, 2.5) covers patch 2 by exactly half
     m = match_patches((0.0, 0.0, 2.5, 1.0), (0.0, 0.0, 4.0, 1.0), (1, 8), (1, 4), cls=False)

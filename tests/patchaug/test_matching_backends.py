@@ -196,8 +196,8 @@ def test_line_stage_is_the_same_on_numpy_and_torch(rule):
     cpu = torch.device("cpu")
     c_np = M._grid_consts(7, 5, 3, 4, cpu, torch.float64, True)
     c_t = M._grid_consts(7, 5, 3, 4, cpu, torch.float64, False)
-    got = M._lines(M._NumpyOps, lo.numpy(), hi.numpy(), c_np, rule)
-    want = M._lines(M._TorchOps, lo, hi, c_t, rule)
+    got = M._lines(M._NumpyOps, lo.numpy(), hi.numpy(), (hi - lo).numpy(), c_np, rule)
+    want = M._lines(M._TorchOps, lo, hi, hi - lo, c_t, rule)
     assert got.keys() == want.keys()
     for k in got:
         np.testing.assert_array_equal(np.asarray(got[k]), want[k].numpy(), err_msg=k)
