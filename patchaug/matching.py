@@ -115,8 +115,9 @@ class _NumpyOps:
         return np.maximum(x, v, out=out)
 
     @staticmethod
-    def to_int(x):
-        return x.astype(np.int64)
+    def to_int(x, like=None):
+        """``x`` as int64, or as the integer dtype of ``like``."""
+        return x.astype(np.int64 if like is None else like.dtype)
 
     @staticmethod
     def as_float(x):
@@ -177,8 +178,8 @@ class _TorchOps:
         return torch.clamp(x, min=v, out=out)
 
     @staticmethod
-    def to_int(x):
-        return x.to(torch.int64)
+    def to_int(x, like=None):
+        return x.to(torch.int64 if like is None else like.dtype)
 
     @staticmethod
     def as_float(x):
@@ -238,6 +239,19 @@ def _as_grid(grid: object, name: str) -> tuple[int, int]:
     if rows <= 0 or cols <= 0:
         raise ValueError(f"{name} must have positive rows and cols, got {(rows, cols)}")
     return rows, cols
+
+
+def _broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """``np.broadcast_shapes`` for a few short shapes, without building arrays."""
+    out = list(max(shapes, key=len))
+    for shape in shapes:
+        for i, d in enumerate(shape, len(out) - len(shape)):
+            if d != out[i]:
+                if out[i] == 1:
+                    out[i] = d
+                elif d != 1:
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+    return tuple(out)
 
 
 def _work_dtype(device: torch.device) -> torch.dtype:
@@ -436,10 +450,14 @@ def _slot_tokens(xp, lines: dict, consts, flips, rule: str, cls: bool):
     slots = consts["slots"]  # (k_max + 1, 1, 1, 1)
     if rule != "centre":
         # subsample(slot, count, n_small) of every line, read from its cached table
-        key = xp.to_int(lines["count"] * slots.shape[0] + lines["n_small"])  # (view, axis, N)
-        x = xp.take_columns(consts[f"sub_{rule}"], key)  # int64
+        table = consts.get(f"sub_{rule}")
+        if table is None:
+            x = xp.to_int(_subsample(slots, lines["count"], lines["n_small"], rule == "official"), mult)
+        else:
+            key = xp.to_int(lines["count"] * slots.shape[0] + lines["n_small"])  # (view, axis, N)
+            x = xp.take_columns(table, key)
         x *= mult
-        x += xp.to_int(lines["start"]) * mult + add  # index = start + subsample
+        x += xp.to_int(lines["start"], mult) * mult + add  # index = start + subsample
         return x
     # the query line keeps its patches; the other line takes the patch under the centre of
     # each, clamped to the grid: (slot, view, axis, N)
@@ -448,7 +466,7 @@ def _slot_tokens(xp, lines: dict, consts, flips, rule: str, cls: bool):
     x /= lines["den"]
     x = xp.clamp_min(x, 0, out=x)
     xp.minimum(x, consts["last"], out=x)
-    x = xp.to_int(x)  # truncation is the floor here
+    x = xp.to_int(x, mult)  # truncation is the floor here
     x *= mult
     x += add
     return x
@@ -477,43 +495,39 @@ def _grid_consts(cols_a: int, rows_a: int, cols_b: int, rows_b: int, device: tor
     }
     # subsample(slot, count, n_small) for every count <= the largest side and n_small <= k_max,
     # (slot, count * (k_max + 1) + n_small): per line one table read instead of arithmetic
-    i, count, n_small = torch.broadcast_tensors(
-        torch.arange(k_max + 1, device=device, dtype=dtype)[:, None, None],
-        torch.arange(max(rows_a, cols_a, rows_b, cols_b) + 1, device=device, dtype=dtype)[:, None],
-        torch.arange(k_max + 1, device=device, dtype=dtype))
-    for rule in ("half", "official"):
-        sub = _subsample(i, count, n_small, rule == "official")
-        out[f"sub_{rule}"] = sub.reshape(k_max + 1, -1).to(torch.int64)
+    # (very large grids skip the tables and compute it)
+    max_side = max(rows_a, cols_a, rows_b, cols_b)
+    if (k_max + 1) ** 2 * (max_side + 1) <= _MAX_TABLE_ENTRIES:
+        i, count, n_small = torch.broadcast_tensors(
+            torch.arange(k_max + 1, device=device, dtype=dtype)[:, None, None],
+            torch.arange(max_side + 1, device=device, dtype=dtype)[:, None],
+            torch.arange(k_max + 1, device=device, dtype=dtype))
+        for rule in ("half", "official"):
+            sub = _subsample(i, count, n_small, rule == "official")
+            out[f"sub_{rule}"] = sub.reshape(k_max + 1, -1).to(torch.int64)
     if as_numpy:
+        # token parts in the smallest integer dtype that holds every token and intermediate
+        # (|value| <= rows * cols + 1): int16 for usual grids, a quarter of int64's memory traffic
+        tok = _token_dtype(max(rows_a * cols_a, rows_b * cols_b) + 1)
         out = {k: v.numpy() for k, v in out.items()}
+        for k in ("mult", "mult_flip", "add_flip", "add_cls", "sub_half", "sub_official"):
+            if k in out:
+                out[k] = out[k].astype(tok)
         for v in out.values():
             v.flags.writeable = False  # shared by every call
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _slot_tables(max_rows: int, max_cols: int, cls: bool, device: torch.device):
-    """Where each output slot reads its token, for every ``(n_rows, n_cols)``.
+#: Largest subsample table (entries) kept per grid pair; larger grids compute the subsample.
+_MAX_TABLE_ENTRIES = 1 << 20
 
-    Returns ``where`` (int64) and ``valid`` (bool) tables of shape
-    ``((max_rows + 1) * (max_cols + 1), M)``, row ``n_rows * (max_cols + 1) + n_cols``:
-    ``where`` indexes a flattened ``(max_rows + 1, max_cols + 1)`` token grid (pairs of
-    row and column slots) whose last entry is a sentinel holding token 0. The CLS slot
-    and the empty slots read the sentinel, so a single gather gives the padded output
-    with no masking pass.
-    """
-    m = torch.arange(max_rows * max_cols, device=device)
-    n_r = torch.arange(max_rows + 1, device=device).view(-1, 1, 1)
-    n_c = torch.arange(max_cols + 1, device=device).view(1, -1, 1).clamp(min=1)
-    div = torch.div(m, n_c, rounding_mode="floor")
-    valid = m < n_r * n_c * (torch.arange(max_cols + 1, device=device).view(1, -1, 1) > 0)
-    sentinel = (max_rows + 1) * (max_cols + 1) - 1
-    where = torch.where(valid, div * (max_cols + 1) + (m - div * n_c), sentinel)
-    if cls:
-        where = F.pad(where, (1, 0), value=sentinel)
-        valid = F.pad(valid, (1, 0), value=True)
-    # flat over (n_rows, n_cols) for a cheap index_select
-    return where.flatten(0, 1), valid.flatten(0, 1)
+
+def _token_dtype(bound: int) -> np.dtype:
+    """The smallest of int16, int32, int64 that holds ``[-bound, bound]``."""
+    for dt in (np.int16, np.int32):
+        if bound <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
 
 
 # --------------------------------------------------------------------------- public API
@@ -571,7 +585,8 @@ def match_patches(
     rows_a, cols_a = _as_grid(grid_a, "grid_a")
     rows_b, cols_b = _as_grid(grid_b, "grid_b")
 
-    device = next((t.device for t in (box_a, box_b) if isinstance(t, torch.Tensor)), None)
+    device = (box_a.device if isinstance(box_a, torch.Tensor)
+              else box_b.device if isinstance(box_b, torch.Tensor) else None)
     xp = _NumpyOps if _NUMPY_ON_CPU and (device is None or device.type == "cpu") else _TorchOps
     # the values are checked below, at once for both, on their widths
     ba = _as_boxes(box_a, "box_a", device, xp, check=False)
@@ -582,7 +597,8 @@ def match_patches(
     fa = _as_flip(flip_a, "flip_a", dev, xp)
     fb = _as_flip(flip_b, "flip_b", dev, xp)
     try:
-        batch = np.broadcast_shapes(ba.shape[:-1], bb.shape[:-1], fa.shape, fb.shape)
+        batch = _broadcast_shapes(tuple(ba.shape[:-1]), tuple(bb.shape[:-1]), tuple(fa.shape),
+                                  tuple(fb.shape))
     except ValueError as err:
         raise ValueError(
             "box_a (..., 4), box_b (..., 4), flip_a (...) and flip_b (...) must have "
@@ -606,28 +622,126 @@ def match_patches(
             _check_box_values(xp, bb, "box_b")
         lines = _lines(xp, lo, hi, length, consts, rule)
         n_small = lines["n_small"]
-        key = xp.to_torch(xp.to_int(n_small[1] * (max_cols + 1) + n_small[0]))  # n_rows, n_cols
+        key = xp.to_int(n_small[1] * (max_cols + 1) + n_small[0])  # n_rows, n_cols
         # (slot, view, axis, N); slot max_rows (max_cols) of the row (column) parts is the
         # sentinel 0 (also when max_rows < k_max)
         parts = _slot_tokens(xp, lines, consts, flips, rule, cls)
         del lines  # free what is no longer needed early: its memory is still in cache
         parts[max_rows, :, 1] = 0
         parts[max_cols, :, 0] = 0
-        row_part = xp.permute(parts[:max_rows + 1, :, 1], (1, 2, 0))  # (view, N, slot)
-        col_part = xp.permute(parts[:max_cols + 1, :, 0], (1, 2, 0))
-    # token grid (view, N, (1 + max_rows) * (1 + max_cols)) of every pair of row and
-    # column slots, whose last entry is the sentinel 0; slot m reads pair
-    # (m // n_cols, m % n_cols) or the sentinel through a static table
-    grid = torch.empty(2, size, max_rows + 1, max_cols + 1, dtype=torch.int64, device=dev)
-    torch.add(xp.to_torch(row_part).unsqueeze(-1), xp.to_torch(col_part).unsqueeze(-2), out=grid)
+        assemble = _assemble_numpy if xp is _NumpyOps else _assemble_torch
+        idx_a, idx_b, valid = assemble(parts[:max_rows + 1, :, 1], parts[:max_cols + 1, :, 0], key,
+                                       max_rows, max_cols, cls)
+    slots = valid.shape[-1]  # M (explicit sizes: an empty batch works too)
+    return PatchMatch(idx_a=idx_a.view(*batch, slots), idx_b=idx_b.view(*batch, slots),
+                      valid=valid.view(*batch, slots))
+
+
+# --------------------------------------------------------------------------- assembly
+#
+# Slot m of a sample reads the token of row slot m // n_cols and column slot m % n_cols, or
+# the sentinel 0. Both backends build the token grid of every pair of row and column slots
+# (its last entry is the sentinel) and gather from it; they differ in layout, for speed.
+# Where slot m reads comes from a static table indexed by the sample's (n_rows, n_cols),
+# or, for grids so large that the table would be, is computed per sample.
+
+#: Largest slot table (entries) kept per grid pair.
+_MAX_SLOT_TABLE_ENTRIES = 1 << 22
+
+
+def _slot_index(key: torch.Tensor, max_rows: int, max_cols: int, cls: bool):
+    """Where each output slot reads its token, for samples with ``key = n_rows * (max_cols + 1)
+    + n_cols`` (``(K,)`` int64).
+
+    Returns ``where`` (int64) and ``valid`` (bool) of shape ``(K, M)``: ``where`` indexes a
+    flattened ``(max_rows + 1, max_cols + 1)`` token grid (pairs of row and column slots)
+    whose last entry is a sentinel holding token 0. The CLS slot and the empty slots read the
+    sentinel, so a single gather gives the padded output with no masking pass.
+    """
+    n_r = torch.div(key, max_cols + 1, rounding_mode="floor")[:, None]
+    n_c = (key - n_r[:, 0] * (max_cols + 1))[:, None]
+    m = torch.arange(max_rows * max_cols, device=key.device)
+    div = torch.div(m, n_c.clamp(min=1), rounding_mode="floor")
+    valid = m < n_r * n_c
+    sentinel = (max_rows + 1) * (max_cols + 1) - 1
+    where = torch.where(valid, div * (max_cols + 1) + (m - div * n_c), sentinel)
+    if cls:
+        where = F.pad(where, (1, 0), value=sentinel)
+        valid = F.pad(valid, (1, 0), value=True)
+    return where, valid
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_tables(max_rows: int, max_cols: int, cls: bool, device: torch.device):
+    """:func:`_slot_index` of every key, ``((max_rows + 1) * (max_cols + 1), M)``, or ``None``
+    when that is more than ``_MAX_SLOT_TABLE_ENTRIES``."""
+    keys = (max_rows + 1) * (max_cols + 1)
+    if keys * (cls + max_rows * max_cols) > _MAX_SLOT_TABLE_ENTRIES:
+        return None
+    return _slot_index(torch.arange(keys, device=device), max_rows, max_cols, cls)
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_tables_numpy(max_rows: int, max_cols: int, cls: bool, size: int):
+    """:func:`_slot_tables` as read-only numpy arrays for ``size`` samples, the grid entries
+    scaled by ``2 * size`` (one grid entry holds both views of every sample), with the
+    ``(size, M)`` sample offsets ``n`` while they are small (else ``None``); or ``None``."""
+    tables = _slot_tables(max_rows, max_cols, cls, torch.device("cpu"))
+    if tables is None:
+        return None
+    where = (tables[0] * (2 * size)).numpy()
+    valid = tables[1].numpy()
+    sample = None  # kept only while small: a plain add is twice as fast as a broadcast one
+    if size * where.shape[1] <= _MAX_CACHED_OFFSETS:
+        sample = np.broadcast_to(np.arange(size)[:, None], (size, where.shape[1])).copy()
+        sample.flags.writeable = False
+    where.flags.writeable = False
+    valid.flags.writeable = False
+    return where, valid, sample
+
+
+_MAX_CACHED_OFFSETS = 1 << 18  # 2 MiB of int64 per cached batch shape
+
+
+def _assemble_numpy(row_part, col_part, key, max_rows: int, max_cols: int, cls: bool):
+    """``idx_a``, ``idx_b``, ``valid`` as ``(N, M)`` tensors from numpy parts.
+
+    ``row_part`` ``(max_rows + 1, view, N)``, ``col_part`` ``(max_cols + 1, view, N)``,
+    ``key`` ``(N,)``. The grid is ``(row slot, column slot, view, N)``, batch last, so the
+    outer sum runs over long contiguous rows; a flat ``take`` then reads each view's slots.
+    """
+    size = key.shape[0]
+    # (max_rows + 1, max_cols + 1, view, N), in the parts' small integer dtype
+    grid = np.add(row_part[:, None], col_part[None])
+    tables = _slot_tables_numpy(max_rows, max_cols, cls, size)
+    if tables is not None:
+        tab_where, tab_valid, sample = tables
+        at = tab_where.take(key, axis=0)  # grid entry * 2 N, (N, M)
+        at += np.arange(size)[:, None] if sample is None else sample  # view a of sample n: + n
+        valid = tab_valid.take(key, axis=0)
+    else:
+        where, valid = (t.numpy() for t in _slot_index(torch.from_numpy(key), max_rows, max_cols, cls))
+        at = where * (2 * size) + np.arange(size)[:, None]
+    flat = grid.reshape(-1)
+    idx_a = flat.take(at).astype(np.int64)
+    idx_b = flat[size:].take(at).astype(np.int64)
+    return torch.from_numpy(idx_a), torch.from_numpy(idx_b), torch.from_numpy(valid)
+
+
+def _assemble_torch(row_part, col_part, key, max_rows: int, max_cols: int, cls: bool):
+    """:func:`_assemble_numpy` on torch tensors: grid ``(view, N, rows, cols)``, one gather."""
+    size = key.shape[0]
+    grid = torch.empty(2, size, max_rows + 1, max_cols + 1, dtype=torch.int64, device=key.device)
+    torch.add(row_part.permute(1, 2, 0).unsqueeze(-1), col_part.permute(1, 2, 0).unsqueeze(-2),
+              out=grid)
     grid = grid.view(2, size, (max_rows + 1) * (max_cols + 1))
-    del parts, row_part, col_part
-    tab_where, tab_valid = _slot_tables(max_rows, max_cols, cls, dev)
-    slots = tab_where.shape[-1]  # M (explicit sizes: an empty batch works too)
-    at = tab_where.index_select(0, key)
-    valid = tab_valid.index_select(0, key).view(*batch, slots)
-    idx = grid.gather(-1, at.expand(2, size, slots)).view(2, *batch, slots)
-    return PatchMatch(idx_a=idx[0], idx_b=idx[1], valid=valid)
+    tables = _slot_tables(max_rows, max_cols, cls, key.device)
+    if tables is None:
+        at, valid = _slot_index(key, max_rows, max_cols, cls)
+    else:
+        at, valid = tables[0].index_select(0, key), tables[1].index_select(0, key)
+    idx = grid.gather(-1, at.expand(2, size, at.shape[-1]))
+    return idx[0], idx[1], valid
 
 
 def patch_centres(box: BoxLike, grid: tuple[int, int] | int, flip: FlipLike = False) -> torch.Tensor:

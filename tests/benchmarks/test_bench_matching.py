@@ -18,20 +18,35 @@ def _main(monkeypatch: pytest.MonkeyPatch, *argv: str) -> None:
     bench.main()
 
 
-def test_device_mode_times_every_rule_and_esvit(monkeypatch, tmp_path):
+def test_device_mode_times_every_rule_and_both_esvit_baselines(monkeypatch, tmp_path):
     # "cpu:0" takes the device branch (any device other than the plain CPU of record)
     _main(monkeypatch, "--device", "cpu:0", "--repeat", "1", "--out", str(tmp_path))
     res = json.loads((tmp_path / "matching_gpu.json").read_text())
-    names = ["match_patches[half]", "match_patches[official]", "match_patches[centre]",
-             "esvit_cosine_argmax"]
-    assert list(res["seconds_per_step"]) == names
+    rules = ["match_patches[half]", "match_patches[official]", "match_patches[centre]"]
+    assert list(res["seconds_per_step"]) == [*rules, "esvit", "esvit_normalised_once"]
     assert all(v > 0 for v in res["seconds_per_step"].values())
-    for name in names[:3]:  # speed-up = EsViT's time over the rule's
-        want = res["seconds_per_step"]["esvit_cosine_argmax"] / res["seconds_per_step"][name]
-        assert res["speedup_vs_esvit"][name] == pytest.approx(want, rel=0.01, abs=0.01)
+    for base in ("esvit", "esvit_normalised_once"):
+        for name in rules:  # speed-up = the baseline's time over the rule's
+            want = res["seconds_per_step"][base] / res["seconds_per_step"][name]
+            assert res["speedup"][base][name] == pytest.approx(want, rel=0.01, abs=0.01)
     md = (tmp_path / "matching_gpu.md").read_text()
-    assert md.count("| match_patches[") == 3 and "esvit_cosine_argmax" in md
+    assert md.count("| match_patches[") == 3 and "| esvit |" in md
     assert not (tmp_path / "matching.json").exists()  # the CPU record is not touched
+
+
+def test_both_esvit_baselines_find_the_same_matches():
+    g = torch.Generator().manual_seed(1)
+    tokens_g = torch.randn(2, 3, 9, 8, generator=g)
+    tokens_l = torch.randn(2, 3, 4, 8, generator=g)
+    with torch.no_grad():
+        per_pair = bench.esvit_step(tokens_g, tokens_l)
+        once = bench.esvit_step_normalised_once(tokens_g, tokens_l)
+    assert len(per_pair) == len(once) == 2 * (2 + 2 - 1)  # every teacher against every other view
+    for a, b in zip(per_pair, once):
+        assert torch.equal(a, b)
+    # per student token, the teacher token of largest cosine similarity
+    sim = torch.nn.functional.cosine_similarity(tokens_l[0][:, :, None], tokens_g[1][:, None], dim=-1)
+    assert torch.equal(per_pair[-2], sim.argmax(-1))
 
 
 def test_unknown_device_is_refused(monkeypatch, capsys, tmp_path):

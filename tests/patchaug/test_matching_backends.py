@@ -124,6 +124,49 @@ def test_identical_on_benchmark_shapes_with_broadcasting(seed, rule):
 
 
 @pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(("grid_a", "grid_b"), [((200, 200), (6, 7)), ((190, 200), (185, 190))])
+def test_identical_on_grids_whose_tokens_pass_int16(rule, grid_a, grid_b):
+    # the numpy path keeps token parts in the smallest integer dtype that holds them
+    g = torch.Generator().manual_seed(5)
+    box_a = torch.tensor([[0.0, 0.0, 400.0, 380.0]]).expand(3, 4) + torch.rand(3, 1, generator=g)
+    box_b = torch.tensor([[5.0, 3.0, 390.0, 377.0]]).expand(3, 4) - torch.rand(3, 1, generator=g)
+    flips = torch.tensor([False, True, True])
+    fast, ref = both(box_a, box_b, grid_a, grid_b, flips, flips.flip(0), rule=rule)
+    assert_identical(fast, ref)
+    assert int(fast.idx_a.max()) > 2**15  # tokens past int16 came through intact
+    assert fast.num_valid.min() > 40
+
+
+def _clear_caches():
+    for cached in (M._grid_consts, M._slot_tables, M._slot_tables_numpy):
+        cached.cache_clear()
+
+
+@settings(max_examples=30)
+@given(batches(), st.sampled_from(RULES))
+def test_without_cached_tables_the_pairs_are_the_same(case, rule):
+    # grids too large for the cached subsample and slot tables compute them per call instead
+    want = match_patches(*case, rule=rule)
+    _clear_caches()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(M, "_MAX_TABLE_ENTRIES", 0)
+            mp.setattr(M, "_MAX_SLOT_TABLE_ENTRIES", 0)
+            fast, ref = both(*case, rule=rule)
+            assert M._slot_tables(3, 3, True, torch.device("cpu")) is None
+    finally:
+        _clear_caches()
+    assert_identical(fast, want)
+    assert_identical(ref, want)
+
+
+def test_token_dtype_is_the_smallest_that_holds_the_bound():
+    assert M._token_dtype(32767) == np.int16
+    assert M._token_dtype(32768) == np.int32
+    assert M._token_dtype(2**31) == np.int64
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_identical_for_unbatched_tuples_and_mixed_inputs(rule):
     cases = [
         ((0, 0, 224, 224), (0, 0, 112, 112), (14, 14), (7, 7), False, True),
