@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15,
                         help="timed calls of match_patches per round (minimum reported); on a "
                              "device: timed repetitions of everything")
-    parser.add_argument("--rounds", type=int, default=7,
+    parser.add_argument("--rounds", type=int, default=10,
                         help="CPU: rounds over all methods, each EsViT baseline timed once per round")
     parser.add_argument("--steps", type=int, default=20, help="steps of crops for the distance statistics")
     parser.add_argument("--device", default="cpu",

@@ -23,7 +23,9 @@ Rules
     Same selection and pair count as ``"half"``, but per axis each selected patch
     of the view with fewer selected patches is paired with the patch of the other
     view that contains its centre, so matched patches are as close as the grids
-    allow. On a tie in counts the view with the finer patches is the query.
+    allow. On a tie in counts the view with the finer patches is the query. Patches
+    are half-open, so a centre on a patch border goes to the patch after it; computed
+    in integer-valued float64, this is exact for integer boxes.
 
 Token numbering: with ``cls=True`` token 0 is CLS and patch ``(r, c)`` is token
 ``1 + r * cols + c``, row-major in the orientation the network sees (after the
