@@ -434,7 +434,9 @@ def _lines(xp, lo, hi, length, consts, rule: str) -> dict:
 
 
 def _slot_tokens(xp, lines: dict, consts, flips, rule: str, cls: bool):
-    """Token parts ``(slot, view, axis, N)`` (int64) of each line at slot ``i < k_max``.
+    """Token parts ``(slot, view, axis, N)`` of each line at slot ``i < k_max``, in the
+    integer dtype of ``consts["mult"]`` (int64 on torch, the smallest that holds every token
+    on numpy; slots that no output reads may wrap around).
 
     A matched pair of row slot ``r`` and column slot ``c`` of a view is token
     ``parts[r, view, 1] + parts[c, view, 0]``: ``cls + row * cols`` on the row axis and
