@@ -685,26 +685,31 @@ def _slot_tables(max_rows: int, max_cols: int, cls: bool, device: torch.device):
     return _slot_index(torch.arange(keys, device=device), max_rows, max_cols, cls)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _slot_tables_numpy(max_rows: int, max_cols: int, cls: bool, size: int):
-    """:func:`_slot_tables` as read-only numpy arrays for ``size`` samples, the grid entries
-    scaled by ``2 * size`` (one grid entry holds both views of every sample), with the
-    ``(size, M)`` sample offsets ``n`` while they are small (else ``None``); or ``None``."""
+    """:func:`_slot_tables` as read-only numpy arrays for ``size`` samples, or ``None``.
+
+    Returns ``where``, ``where * 2 * size`` (a grid entry holds both views of every sample;
+    ``None`` for a large table), ``valid`` and the ``(size, M)`` sample offsets ``n``
+    (``None`` for a large batch). What is kept per batch size stays small.
+    """
     tables = _slot_tables(max_rows, max_cols, cls, torch.device("cpu"))
     if tables is None:
         return None
-    where = (tables[0] * (2 * size)).numpy()
-    valid = tables[1].numpy()
-    sample = None  # kept only while small: a plain add is twice as fast as a broadcast one
-    if size * where.shape[1] <= _MAX_CACHED_OFFSETS:
-        sample = np.broadcast_to(np.arange(size)[:, None], (size, where.shape[1])).copy()
-        sample.flags.writeable = False
+    where, valid = (t.numpy() for t in tables)  # views of the cached tensors
     where.flags.writeable = False
     valid.flags.writeable = False
-    return where, valid, sample
+    scaled = sample = None
+    if where.size <= _MAX_CACHED_OFFSETS:
+        scaled = where * (2 * size)
+        scaled.flags.writeable = False
+    if size * where.shape[1] <= _MAX_CACHED_OFFSETS:  # a plain add is twice as fast as a broadcast one
+        sample = np.broadcast_to(np.arange(size)[:, None], (size, where.shape[1])).copy()
+        sample.flags.writeable = False
+    return where, scaled, valid, sample
 
 
-_MAX_CACHED_OFFSETS = 1 << 18  # 2 MiB of int64 per cached batch shape
+_MAX_CACHED_OFFSETS = 1 << 18  # 2 MiB of int64 per cached array
 
 
 def _assemble_numpy(row_part, col_part, key, max_rows: int, max_cols: int, cls: bool):
@@ -719,8 +724,12 @@ def _assemble_numpy(row_part, col_part, key, max_rows: int, max_cols: int, cls: 
     grid = np.add(row_part[:, None], col_part[None])
     tables = _slot_tables_numpy(max_rows, max_cols, cls, size)
     if tables is not None:
-        tab_where, tab_valid, sample = tables
-        at = tab_where.take(key, axis=0)  # grid entry * 2 N, (N, M)
+        where, scaled, tab_valid, sample = tables
+        if scaled is not None:
+            at = scaled.take(key, axis=0)  # grid entry * 2 N, (N, M)
+        else:
+            at = where.take(key, axis=0)
+            at *= 2 * size
         at += np.arange(size)[:, None] if sample is None else sample  # view a of sample n: + n
         valid = tab_valid.take(key, axis=0)
     else:

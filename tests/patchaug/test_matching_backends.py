@@ -151,11 +151,16 @@ def test_without_cached_tables_the_pairs_are_the_same(case, rule):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(M, "_MAX_TABLE_ENTRIES", 0)
+            mp.setattr(M, "_MAX_CACHED_OFFSETS", 0)  # slot tables kept, but nothing per batch
+            fast_unscaled = match_patches(*case, rule=rule)
+            assert M._slot_tables_numpy(3, 3, True, 5)[1::2] == (None, None)
+            _clear_caches()
             mp.setattr(M, "_MAX_SLOT_TABLE_ENTRIES", 0)
             fast, ref = both(*case, rule=rule)
             assert M._slot_tables(3, 3, True, torch.device("cpu")) is None
     finally:
         _clear_caches()
+    assert_identical(fast_unscaled, want)
     assert_identical(fast, want)
     assert_identical(ref, want)
 
