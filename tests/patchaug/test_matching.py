@@ -47,6 +47,18 @@ def covered(lo, hi, n, i0, i1):
     return out
 
 
+def token_pairs(rows_a, rows_b, cols_a, cols_b, ca, cb, flip_a, flip_b):
+    """Token pairs (CLS numbering) of matched rows and columns, row by row; a mirrored view
+    shows column j at cols - 1 - j."""
+    pairs = []
+    for r_a, r_b in zip(rows_a, rows_b):
+        for k_a, k_b in zip(cols_a, cols_b):
+            c_a = ca - 1 - k_a if flip_a else k_a
+            c_b = cb - 1 - k_b if flip_b else k_b
+            pairs.append((1 + r_a * ca + c_a, 1 + r_b * cb + c_b))
+    return pairs
+
+
 def reference_half(box_a, box_b, grid_a, grid_b, flip_a, flip_b):
     """Straightforward per-pair loop of the paper's rule (Sec. 3.4, Eq. 1-6)."""
     (ra, ca), (rb, cb) = grid_a, grid_b
@@ -70,12 +82,7 @@ def reference_half(box_a, box_b, grid_a, grid_b, flip_a, flip_b):
         return pairs
     rows_a, rows_b = subsample(rows_a, nr), subsample(rows_b, nr)
     cols_a, cols_b = subsample(cols_a, nc), subsample(cols_b, nc)
-    for i in range(nr):
-        for j in range(nc):
-            c_a = ca - 1 - cols_a[j] if flip_a else cols_a[j]
-            c_b = cb - 1 - cols_b[j] if flip_b else cols_b[j]
-            pairs.append((1 + rows_a[i] * ca + c_a, 1 + rows_b[i] * cb + c_b))
-    return pairs
+    return pairs + token_pairs(rows_a, rows_b, cols_a, cols_b, ca, cb, flip_a, flip_b)
 
 
 def reference_official(box_a, box_b, grid_a, grid_b, flip_a, flip_b):
@@ -461,12 +468,7 @@ def reference_centre(box_a, box_b, grid_a, grid_b, flip_a, flip_b):
 
     rows_a, rows_b = axis(box_a[1], box_a[3], ra, box_b[1], box_b[3], rb, i0y, i1y)
     cols_a, cols_b = axis(box_a[0], box_a[2], ca, box_b[0], box_b[2], cb, i0x, i1x)
-    for i in range(len(rows_a)):
-        for j in range(len(cols_a)):
-            c_a = ca - 1 - cols_a[j] if flip_a else cols_a[j]
-            c_b = cb - 1 - cols_b[j] if flip_b else cols_b[j]
-            pairs.append((1 + rows_a[i] * ca + c_a, 1 + rows_b[i] * cb + c_b))
-    return pairs
+    return pairs + token_pairs(rows_a, rows_b, cols_a, cols_b, ca, cb, flip_a, flip_b)
 
 
 @given(views(), views())
