@@ -322,6 +322,15 @@ def _as_views_of_one_tensor(student, extra_rows=0):
     return base, views
 
 
+def _assert_value_and_gradient_match(got, want, base):
+    """The fused loss equals the reference, and so does its gradient on ``base``; returns it."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g_got, = torch.autograd.grad(got, base, retain_graph=True)
+    g_want, = torch.autograd.grad(want, base)
+    assert float((g_got - g_want).abs().max()) <= 1e-5 * float(g_want.abs().max())
+    return g_got
+
+
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_views_of_one_head_output_are_fused(loss):
     teacher, student, matches = _views(17, s_grids=((2, 3), (2, 3), (3, 2)))
@@ -332,10 +341,7 @@ def test_views_of_one_head_output_are_fused(loss):
     crit, ref = _criteria(loss, "global", teacher[0].shape[1], 24)
     got = crit(views, teacher, matches, epoch=1, update_center=False)
     want = ref(views, teacher, matches)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    g_got, = torch.autograd.grad(got, base, retain_graph=True)
-    g_want, = torch.autograd.grad(want, base)
-    assert float((g_got - g_want).abs().max()) <= 1e-5 * float(g_want.abs().max())
+    _assert_value_and_gradient_match(got, want, base)
     # the fused loss differentiates the base, not the views
     with pytest.raises(RuntimeError, match="not have been used"):
         torch.autograd.grad(got, views)
@@ -356,10 +362,7 @@ def test_views_in_any_order_fuse_and_views_that_do_not_tile_fall_back(extra_rows
     crit, ref = _criteria("lambda", "per-token", 25, 24)
     got = crit(views, teacher, matches, epoch=1, update_center=False)
     want = ref(views, teacher, matches)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    g_got, = torch.autograd.grad(got, base, retain_graph=True)
-    g_want, = torch.autograd.grad(want, base)
-    assert float((g_got - g_want).abs().max()) <= 1e-5 * float(g_want.abs().max())
+    g_got = _assert_value_and_gradient_match(got, want, base)
     if extra_rows:  # not a tiling: one loss per view, the gradient reaches the views
         assert not g_got[-extra_rows:].any()
         assert all(g is not None for g in torch.autograd.grad(got, views))
