@@ -134,7 +134,9 @@ class PatchJitterParams:
         )
 
     @torch.compiler.disable  # a new seed each call would make torch.compile recompile
-    def noise(self, channels: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    def noise(
+        self, channels: int, dtype: torch.dtype = torch.float32, *, out: Tensor | None = None
+    ) -> Tensor:
         """Regenerate the standard normal noise the ``"noise"`` operator adds.
 
         Parameters
@@ -143,6 +145,9 @@ class PatchJitterParams:
             ``C`` of the images.
         dtype : torch.dtype
             Working dtype (float32 for half-precision images, else the images' dtype).
+        out : Tensor, optional
+            Flat contiguous buffer of ``dtype`` on the parameters' device, with at least
+            ``K * C * p * p`` elements, to draw into (the result is a view of it).
 
         Returns
         -------
@@ -156,7 +161,16 @@ class PatchJitterParams:
             return torch.empty((0, channels, p, p), device=device, dtype=dtype)
         count = int(self.gates["noise"].sum())
         gen = torch.Generator(device=device).manual_seed(self.noise_seed)
-        return torch.randn((count, channels, p, p), generator=gen, device=device, dtype=dtype)
+        shape = (count, channels, p, p)
+        if out is None:
+            return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        numel = count * channels * p * p
+        if out.dtype != dtype or out.device != device or out.ndim != 1 or out.numel() < numel:
+            raise ValueError(
+                f"out: expected a flat {dtype} tensor on {device} with at least {numel} "
+                f"elements, got {tuple(out.shape)} {out.dtype} on {out.device}"
+            )
+        return torch.randn(shape, generator=gen, out=out[:numel].view(shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +401,8 @@ class PatchJitter(nn.Module):
         self.random_order = random_order
         self.clamp_input = clamp_input
         self.generator = generator
+        # scratch kept between calls on the CPU (see _Workspace); not part of the state
+        self._workspaces: list[_Workspace] = []
 
         ranges: dict[str, Any] = {
             "brightness": _factor_range("brightness", brightness),
@@ -698,6 +714,16 @@ class PatchJitter(nn.Module):
             out = out.as_subclass(type(images))
         return (out, params) if return_params else out
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_workspaces"] = []  # scratch memory: neither pickled nor deep-copied
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_workspaces", [])
+
     def extra_repr(self) -> str:
         parts = [f"patch_size={self.patch_size}", f"p={self.p}"]
         for name in self.ops:
@@ -801,22 +827,42 @@ class PatchJitter(nn.Module):
         # the random order runs one step per (stage, operator): fewer, larger blocks
         scale = 1 if params.order is None else 4
         blocks = _blocks(b, gh, gw, p, _block_patches(x.device, p, scale))
+        # a workspace of our own: one that no other thread uses during this call
+        ws = self._workspaces.pop() if self._workspaces else _Workspace()
+        try:
+            self._apply_blocks(x, params, work_dtype, check_range, out, blocks, ws)
+        finally:
+            if not self._workspaces:
+                self._workspaces.append(ws)
+        return out
+
+    def _apply_blocks(
+        self,
+        x: Tensor,
+        params: PatchJitterParams,
+        work_dtype: torch.dtype,
+        check_range: bool,
+        out: Tensor,
+        blocks: list[tuple[int, int, slice, slice]],
+        ws: _Workspace,
+    ) -> None:
+        """The block loop of :meth:`_apply`, writing into ``out``."""
+        c, w = x.shape[1], x.shape[3]
+        p = self.patch_size
+        total = blocks[-1][1]
         starts = torch.tensor([blk[0] for blk in blocks] + [total], device=x.device)
-        steps = self._steps(params, c, work_dtype, total, starts)
+        steps = self._steps(params, c, work_dtype, total, starts, ws)
         # rows gathered at once: the largest subset of one block for any step
         gathered = max(
             (hi - lo for st in steps if st.local is not None for lo, hi in pairwise(st.bounds)),
             default=0,
         )
-        block = _Block(blocks[0][1] - blocks[0][0], gathered, c, p, work_dtype, x.device)
-        hue_work = None
         hue_rows = max(
             (hi - lo for st in steps if st.name == "hue" for lo, hi in pairwise(st.bounds)),
             default=0,
         )
-        if hue_rows:  # scratch planes of the hue rotation, for chunks of at most hue_block rows
-            hue_block = min(hue_rows, ops.cpu_block_patches(block.arena))
-            hue_work = block.arena.new_empty((5, hue_block, p, p))
+        capacity = blocks[0][1] - blocks[0][0]
+        block = _Block(capacity, gathered, hue_rows, c, p, work_dtype, ws, x.device)
         ranges = []
         for index, (start, stop, images, rows) in enumerate(blocks):
             src = x[images, :, rows]
@@ -825,12 +871,11 @@ class PatchJitter(nn.Module):
             block.reset(stop - start)
             ops.patchify(src, p, out=block.patches)
             for step in steps:
-                step.run(block, index, hue_work)
+                step.run(block, index)
             ops.unpatchify(block.patches, src.shape[0], src.shape[2], w, out=out[images, :, rows])
         if ranges:
             lo_hi = torch.stack(ranges)
             self._check_range(torch.stack((lo_hi[:, 0].min(), lo_hi[:, 1].max())))
-        return out
 
     def _steps(
         self,
@@ -839,16 +884,21 @@ class PatchJitter(nn.Module):
         work_dtype: torch.dtype,
         total: int,
         starts: Tensor,
+        ws: _Workspace,
     ) -> list[_Step]:
         """The operator applications of one call, in order, each prepared for every block.
 
-        ``starts``: first patch of each block, then ``B * N``.
+        ``starts``: first patch of each block, then ``B * N``; ``ws`` holds the noise and the
+        blur matrices.
         """
         gates = {k: v.reshape(-1) for k, v in params.gates.items()}
         values = {k: v.reshape(-1) for k, v in params.values.items()}
         noise = rank = None
         if "noise" in gates:
-            noise = params.noise(channels, work_dtype)
+            p = params.patch_size
+            count = int(gates["noise"].sum())
+            buf = ws.get("noise", count * channels * p * p, work_dtype, gates["noise"].device)
+            noise = params.noise(channels, work_dtype, out=buf)
             rank = torch.cumsum(gates["noise"], 0) - 1
         if params.order is None:
             plan = [(name, gates[name], True) for name in params.ops]
@@ -880,8 +930,14 @@ class PatchJitter(nn.Module):
             step = _Step(name, local, bounds, None if vals is None else vals.index_select(0, idx))
             if name == "blur":
                 assert self.blur_kernel_size is not None and step.values is not None
+                sigma = step.values.to(work_dtype)
+                size = 2 * count * self.patch_size**2
                 step.extra = ops.blur_matrices(
-                    step.values.to(work_dtype), self.blur_kernel_size, self.patch_size
+                    sigma,
+                    self.blur_kernel_size,
+                    self.patch_size,
+                    # one buffer per step: in random order several steps blur
+                    work=ws.get(f"blur{len(steps)}", size, work_dtype, sigma.device),
                 )
             elif name == "hue":
                 if channels != 3:  # hue leaves one-channel patches unchanged
@@ -914,18 +970,19 @@ class _Step:
     values: Tensor | None
     extra: Any = None
 
-    def run(self, block: _Block, index: int, hue_work: Tensor | None) -> None:
+    def run(self, block: _Block, index: int) -> None:
         """Apply the step to the patches of block ``index``, in place."""
         patches = block.patches
         size = patches.shape[0]
         lo, hi = self.bounds[index], self.bounds[index + 1]
         if self.local is None:
             assert self.values is not None
-            _SUBSET[self.name](patches, self.values[lo:hi])
+            _SUBSET[self.name](patches, self.values[lo:hi], block.tmp(patches.numel()))
             return
         count = hi - lo
         if count == 0:
             return
+        hue_work = block.hue_work
         if self.name == "hue" and count < size and hue_work is not None:
             # gather, rotate and put back cache-sized chunks: the rows stay in cache throughout
             step = hue_work.shape[1]
@@ -948,45 +1005,87 @@ class _Step:
                 sub,
                 None if mat_h is None else mat_h[lo:hi],
                 None if mat_w is None else mat_w[lo:hi],
+                work=block.tmp(2 * sub.numel()),
             )
         elif self.name == "hue":
             res = ops.hue_with_offsets(sub, self.extra[:, lo:hi], hue_work)
         elif self.name == "noise":
             res = ops.gaussian_noise(sub, v, self.extra[lo:hi], inplace=True)
         else:
-            res = _SUBSET[self.name](sub, v)
+            res = _SUBSET[self.name](sub, v, block.tmp(sub.numel()))
         if local is not None:
             patches.index_copy_(0, local, res)
         elif res.data_ptr() != patches.data_ptr():
             patches.copy_(res)
 
 
-class _Block:
-    """Working memory for one block of patches: ``capacity + gathered`` rows of ``(C, p, p)``.
+class _Workspace:
+    """Flat scratch buffers kept from call to call on the CPU, handed out as views.
 
-    The block's patches are the first rows; rows gathered for an operator that runs on a
-    subset (at most ``gathered``) go after row ``capacity``.
+    Multi-MiB tensors allocated afresh on every call are often page-faulted in anew (the C
+    allocator hands large blocks back to the system), which costs about a tenth of a call
+    on 32 images of 224 x 224. On other devices (whose caching allocators already reuse
+    memory) nothing is kept. Buffers larger than ``_MAX_KEPT_BYTES`` are never kept.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat tensor of at least ``numel`` elements (contents undefined)."""
+        buf = self._buffers.get(name)
+        if buf is not None and buf.numel() >= numel and buf.dtype == dtype and buf.device == device:
+            return buf[:numel]
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        if device.type == "cpu" and numel * buf.element_size() <= _MAX_KEPT_BYTES:
+            self._buffers[name] = buf
+        return buf
+
+
+# Scratch buffers up to this size are kept between calls (a block's worth on the CPU).
+_MAX_KEPT_BYTES = 64 << 20
+
+
+class _Block:
+    """Working memory for one block of patches, views of a :class:`_Workspace`.
+
+    ``arena`` has ``capacity + gathered`` rows of ``(C, p, p)``: the block's patches are the
+    first rows; rows gathered for an operator that runs on a subset (at most ``gathered``)
+    go after row ``capacity``. ``hue_work`` holds the scratch planes of the hue rotation, for
+    chunks of at most ``hue_work.shape[1]`` rows (``None`` without hue); :meth:`tmp` is flat
+    scratch for the other operators.
     """
 
     def __init__(
         self,
         capacity: int,
         gathered: int,
+        hue_rows: int,
         channels: int,
         patch: int,
         dtype: torch.dtype,
+        ws: _Workspace,
         device: torch.device,
     ) -> None:
         self.capacity = capacity
+        self._ws, self._dtype, self._device = ws, dtype, device
         shape = (capacity + gathered, channels, patch, patch)
-        self.arena = torch.empty(shape, dtype=dtype, device=device)
+        self.arena = ws.get("arena", math.prod(shape), dtype, device).view(shape)
         self.patches = self.arena[:capacity]
+        self.hue_work: Tensor | None = None
+        if hue_rows:
+            rows = min(hue_rows, ops.cpu_block_patches(self.arena))
+            hue_shape = (5, rows, patch, patch)
+            self.hue_work = ws.get("hue", math.prod(hue_shape), dtype, device).view(hue_shape)
 
     def reset(self, size: int) -> None:
         self.patches = self.arena[:size]
 
     def scratch(self, count: int) -> Tensor:
         return self.arena[self.capacity : self.capacity + count]
+
+    def tmp(self, numel: int) -> Tensor:
+        return self._ws.get("tmp", numel, self._dtype, self._device)
 
 
 # On one CPU thread a block holds about this many pixels per plane (512 patches of 16 x 16,
@@ -1039,13 +1138,14 @@ def _fixed_pair(value: Any) -> Any:
     return (value, value) if _is_number(value) else value
 
 
-_SUBSET: dict[str, Callable[[Tensor, Any], Tensor]] = {
-    "brightness": lambda x, v: ops.brightness(x, v, inplace=True),
-    "contrast": lambda x, v: ops.contrast(x, v, inplace=True),
-    "saturation": lambda x, v: ops.saturation(x, v, inplace=True),
-    "hue": lambda x, v: ops.hue(x, v, inplace=True),
-    "grayscale": lambda x, v: ops.grayscale(x),
-    "posterize": lambda x, v: ops.posterize(x, v),
-    "solarize": lambda x, v: ops.solarize(x, v, inplace=True),
-    "sharpness": lambda x, v: ops.sharpness(x, v, inplace=True),
+# operator name -> f(patches, values, flat scratch): the operator in place where it can be
+_SUBSET: dict[str, Callable[[Tensor, Any, Tensor], Tensor]] = {
+    "brightness": lambda x, v, w: ops.brightness(x, v, inplace=True),
+    "contrast": lambda x, v, w: ops.contrast(x, v, inplace=True),
+    "saturation": lambda x, v, w: ops.saturation(x, v, inplace=True, work=w),
+    "hue": lambda x, v, w: ops.hue(x, v, inplace=True),
+    "grayscale": lambda x, v, w: ops.grayscale(x),
+    "posterize": lambda x, v, w: ops.posterize(x, v),
+    "solarize": lambda x, v, w: ops.solarize(x, v, inplace=True, work=w),
+    "sharpness": lambda x, v, w: ops.sharpness(x, v, inplace=True),
 }

@@ -197,6 +197,27 @@ def cpu_block_patches(x: Tensor) -> int:
     return max(1, pixels // (x.shape[-2] * x.shape[-1]))
 
 
+def _scratch(work: Tensor | None, shape: tuple[int, ...], like: Tensor, skip: int = 0) -> Tensor:
+    """A tensor of ``shape`` for temporaries, in ``like``'s dtype and device.
+
+    A view of the flat ``work`` buffer from element ``skip`` on, when one is given (callers
+    that run many blocks reuse one buffer instead of allocating every time); else new.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    if work is None:
+        return like.new_empty(shape)
+    if work.dtype != like.dtype or work.device != like.device or not work.is_contiguous():
+        raise ValueError(
+            f"work: expected a contiguous {like.dtype} tensor on {like.device}, got "
+            f"{work.dtype} on {work.device}"
+        )
+    if work.numel() < skip + numel:
+        raise ValueError(f"work: expected at least {skip + numel} elements, got {work.numel()}")
+    return work.view(-1)[skip : skip + numel].view(shape)
+
+
 def _col(values: Tensor, like: Tensor) -> Tensor:
     """Per-patch ``(K,)`` parameters as ``(K, 1, 1, 1)`` in ``like``'s dtype and device."""
     if values.dtype != like.dtype or values.device != like.device:
@@ -210,10 +231,10 @@ def _gray_weights(dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(_GRAY_WEIGHTS, dtype=dtype, device=device)
 
 
-def _gray(x: Tensor) -> Tensor:
+def _gray(x: Tensor, work: Tensor | None = None) -> Tensor:
     """``(K, 1, p, p)`` luma, the same accumulation as kornia.color.rgb_to_grayscale."""
     r, g, b = x.unbind(1)
-    out = torch.mul(r, _GRAY_WEIGHTS[0])
+    out = torch.mul(r, _GRAY_WEIGHTS[0], out=_scratch(work, r.shape, x))
     out.add_(g, alpha=_GRAY_WEIGHTS[1]).add_(b, alpha=_GRAY_WEIGHTS[2])
     return out.unsqueeze(1)
 
@@ -288,7 +309,9 @@ def contrast(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
     return out.add_(shift).clamp_(0.0, 1.0)
 
 
-def saturation(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
+def saturation(
+    x: Tensor, factor: Tensor, inplace: bool = False, *, work: Tensor | None = None
+) -> Tensor:
     """Blend each RGB patch with its luma: ``clamp((1 - f) * gray + f * x, 0, 1)``.
 
     One-channel patches come back unchanged, as in torchvision and Kornia.
@@ -301,6 +324,9 @@ def saturation(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
         ``(K,)``, non-negative; ``0`` gives gray, ``1`` keeps the patch bit for bit.
     inplace : bool
         Write into ``x``.
+    work : Tensor, optional
+        Flat scratch of ``x``'s dtype with at least ``K * p * p`` elements, for the luma
+        (default: allocated).
 
     Returns
     -------
@@ -317,7 +343,7 @@ def saturation(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
     if x.shape[1] != 3:
         return x if inplace else x.clone()
     # x + (1 - f) (gray - x) in one pass (torch.lerp; exact for f = 1)
-    gray = _gray(x)
+    gray = _gray(x, work)
     out = x if inplace else x.clone()
     return out.lerp_(gray, 1 - _col(factor, x)).clamp_(0.0, 1.0)
 
@@ -512,7 +538,9 @@ def grayscale(x: Tensor) -> Tensor:
     return _gray(x).expand_as(x).contiguous()
 
 
-def solarize(x: Tensor, threshold: Tensor, inplace: bool = False) -> Tensor:
+def solarize(
+    x: Tensor, threshold: Tensor, inplace: bool = False, *, work: Tensor | None = None
+) -> Tensor:
     """Invert the values at or above each patch's threshold: ``where(x < t, x, 1 - x)``.
 
     Parameters
@@ -523,6 +551,9 @@ def solarize(x: Tensor, threshold: Tensor, inplace: bool = False) -> Tensor:
         ``(K,)``; a threshold above ``1`` keeps the patch bit for bit.
     inplace : bool
         Write into ``x``.
+    work : Tensor, optional
+        Flat scratch of ``x``'s dtype with at least ``x.numel()`` elements (default:
+        allocated).
 
     Returns
     -------
@@ -536,7 +567,7 @@ def solarize(x: Tensor, threshold: Tensor, inplace: bool = False) -> Tensor:
     tensor([0.2000, 0.3000])
     """
     # x - 2 x f + f is exactly 1 - x where f = 1 and x where f = 0, and avoids torch.where
-    flip = torch.ge(x, _col(threshold, x), out=torch.empty_like(x))
+    flip = torch.ge(x, _col(threshold, x), out=_scratch(work, tuple(x.shape), x))
     out = x.addcmul_(x, flip, value=-2.0) if inplace else torch.addcmul(x, x, flip, value=-2.0)
     return out.add_(flip)
 
@@ -593,11 +624,12 @@ def _reflect_taps(patch: int, size: int, device: torch.device, dtype: torch.dtyp
     return taps.to(device=device, dtype=dtype)
 
 
-def _blur_matrix(sigma: Tensor, size: int, patch: int) -> Tensor:
-    """``(K, p, p)`` matrices ``A`` with ``A @ v`` = 1-D reflect-padded Gaussian blur of ``v``."""
+def _blur_matrix(sigma: Tensor, size: int, patch: int, out: Tensor) -> Tensor:
+    """``(K, p, p)`` matrices ``A`` with ``A @ v`` = 1-D reflect-padded Gaussian blur of ``v``,
+    written into ``out`` (``(K, p * p)``)."""
     kernel = gaussian_kernel1d(size, sigma)
     taps = _reflect_taps(patch, size, sigma.device, sigma.dtype)
-    return torch.mm(kernel, taps).view(-1, patch, patch)
+    return torch.mm(kernel, taps, out=out).view(-1, patch, patch)
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: tuple[int, int]) -> Tensor:
@@ -656,7 +688,7 @@ def _check_kernel(kernel_size: tuple[int, int], p: int) -> None:
 
 
 def blur_matrices(
-    sigma: Tensor, kernel_size: tuple[int, int], patch_size: int
+    sigma: Tensor, kernel_size: tuple[int, int], patch_size: int, *, work: Tensor | None = None
 ) -> tuple[Tensor | None, Tensor | None]:
     """Per-patch blur matrices ``(A_h, A_w)`` of :func:`gaussian_blur`, for reuse.
 
@@ -668,6 +700,9 @@ def blur_matrices(
         ``(kH, kW)``, odd, each at most ``2 p - 1``.
     patch_size : int
         ``p``.
+    work : Tensor, optional
+        Flat buffer of ``sigma``'s dtype with at least ``2 * K * p * p`` elements to hold the
+        matrices (default: allocated).
 
     Returns
     -------
@@ -687,12 +722,20 @@ def blur_matrices(
                          f"{sigma.dtype}")
     _check_kernel(kernel_size, patch_size)
     kh, kw = kernel_size
-    mat_w = _blur_matrix(sigma, kw, patch_size) if kw > 1 else None
-    mat_h = mat_w if kh == kw else (_blur_matrix(sigma, kh, patch_size) if kh > 1 else None)
+    shape = (sigma.shape[0], patch_size * patch_size)
+    mat_w = _blur_matrix(sigma, kw, patch_size, _scratch(work, shape, sigma)) if kw > 1 else None
+    mat_h = mat_w
+    if kh != kw:
+        skip = shape[0] * shape[1]
+        mat_h = None
+        if kh > 1:
+            mat_h = _blur_matrix(sigma, kh, patch_size, _scratch(work, shape, sigma, skip))
     return mat_h, mat_w
 
 
-def blur_with_matrices(x: Tensor, mat_h: Tensor | None, mat_w: Tensor | None) -> Tensor:
+def blur_with_matrices(
+    x: Tensor, mat_h: Tensor | None, mat_w: Tensor | None, *, work: Tensor | None = None
+) -> Tensor:
     """Apply per-patch blur matrices from :func:`blur_matrices`: ``A_h @ x @ A_w^T``.
 
     Parameters
@@ -702,6 +745,9 @@ def blur_with_matrices(x: Tensor, mat_h: Tensor | None, mat_w: Tensor | None) ->
         rounded once.
     mat_h, mat_w : Tensor or None
         ``(K, p, p)`` each, or ``None`` to skip that axis.
+    work : Tensor, optional
+        Flat buffer of the matrices' dtype with at least ``2 * x.numel()`` elements for the
+        two products (default: allocated); the result is then a view into it.
 
     Returns
     -------
@@ -726,19 +772,26 @@ def blur_with_matrices(x: Tensor, mat_h: Tensor | None, mat_w: Tensor | None) ->
     mat = mat_w if mat_w is not None else mat_h
     if mat is None:
         return x.clone()
-    work = x.to(mat.dtype)
+    src = x.to(mat.dtype)
     # Batched p x p products. MKL is fast for A @ B with B transposed in memory, so both passes
     # are written that way, each one leaving the layout the next one needs; the result is a
     # permuted view (the caller's copy into place does the transposition).
     if mat_w is not None:
         # rows: t[k, j, (c, i)] = sum_j' A_w[j, j'] x[k, c, i, j']
-        t = torch.bmm(mat_w, work.reshape(n, c * p, p).transpose(1, 2))  # (K, j, C * i)
+        t = torch.bmm(
+            mat_w, src.reshape(n, c * p, p).transpose(1, 2), out=_scratch(work, (n, p, c * p), mat)
+        )  # (K, j, C * i)
         if mat_h is None:
             return t.view(n, p, c, p).permute(0, 2, 3, 1).to(x.dtype)
         # columns: u[k, i, (j, c)] = sum_i' A_h[i, i'] t[k, j, c, i']
-        u = torch.bmm(mat_h, t.view(n, p * c, p).transpose(1, 2))  # (K, i, j * C)
+        u = torch.bmm(
+            mat_h,
+            t.view(n, p * c, p).transpose(1, 2),
+            out=_scratch(work, (n, p, p * c), mat, t.numel()),
+        )  # (K, i, j * C)
         return u.view(n, p, p, c).permute(0, 3, 1, 2).to(x.dtype)
-    return torch.matmul(mat_h.unsqueeze(1), work).to(x.dtype)
+    out = _scratch(work, tuple(src.shape), mat)
+    return torch.matmul(mat_h.unsqueeze(1), src, out=out).to(x.dtype)
 
 
 def sharpness(x: Tensor, factor: Tensor, inplace: bool = False) -> Tensor:
