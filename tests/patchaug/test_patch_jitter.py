@@ -631,6 +631,30 @@ def test_bad_values_fail_before_any_random_draw() -> None:
     assert torch.equal(gen.get_state(), state)
 
 
+def test_bad_values_leave_the_global_and_the_module_generator_as_they_were() -> None:
+    bad = images(0, b=2)
+    bad[0, 0, 3, 3] = -1.0
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="expected values in"):
+        PatchJitter.paper(8)(bad)
+    assert torch.equal(torch.get_rng_state(), state)
+    gen = torch.Generator().manual_seed(9)
+    state = gen.get_state()
+    with pytest.raises(ValueError, match="expected values in"):
+        PatchJitter.paper(8, generator=gen)(bad)
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_clamp_input_draws_as_for_the_clamped_images() -> None:
+    bad = images(1, b=2)
+    bad[1, 2, 0, 9] = 1.75
+    bad[0, 1, 12, 2] = -0.5
+    got = PatchJitter.paper(8, clamp_input=True)(bad, generator=torch.Generator().manual_seed(4))
+    want = PatchJitter.paper(8)(bad.clamp(0, 1), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize(
     ("batch", "rows", "cols", "target"),
     [
