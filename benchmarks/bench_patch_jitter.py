@@ -249,8 +249,6 @@ import json, sys, time, torch
 sys.path.insert(0, {root!r})
 from patchaug.patch_jitter import PatchJitter
 torch.set_num_threads({threads})
-# one graph per operator and gathered-subset size: allow more than the default 8 recompiles
-torch._dynamo.config.recompile_limit = 64
 x = torch.rand({b}, 3, {s}, {s})
 jitter = PatchJitter.paper({p})
 fn = torch.compile(jitter)
@@ -382,9 +380,10 @@ def markdown(res: dict[str, Any]) -> str:
     comp = cpu["patchjitter_paper_compiled"]
     if comp.get("status") == "ok":
         lines.append(
-            f"| `torch.compile(PatchJitter.paper(16))`: median of the last 5 of "
-            f"{len(comp['times_s'])} calls (first call {comp['first_call_s']:.1f} s; "
-            f"{comp['recompiling_calls']} later calls took over 1 s, recompiling) | "
+            f"| `torch.compile(PatchJitter.paper(16))` (its forward opts out of compilation "
+            f"and runs eagerly): median of the last 5 of {len(comp['times_s'])} calls (first "
+            f"call {comp['first_call_s']:.1f} s; {comp['recompiling_calls']} later calls over "
+            "1 s) | "
             f"{1e3 * comp['median_s']:.1f} | {comp['median_s'] / ours:.2f}x |"
         )
     else:
@@ -444,10 +443,10 @@ def rst_table(res: dict[str, Any]) -> str:
         lines += [f"   * - {label}", f"     - {1e3 * t:.1f}", f"     - {t / ours:.1f}x"]
     if comp.get("status") == "ok":
         lines += [
-            "   * - ``torch.compile(PatchJitter.paper(16))``, median of the last 5 of "
-            f"{len(comp['times_s'])} calls",
-            f"     - {1e3 * comp['median_s']:.1f} (first call {comp['first_call_s']:.0f} s, "
-            f"{comp['recompiling_calls']} later calls recompiling)",
+            "   * - ``torch.compile(PatchJitter.paper(16))`` (runs eagerly: its forward opts "
+            f"out of compilation), median of the last 5 of {len(comp['times_s'])} calls",
+            f"     - {1e3 * comp['median_s']:.1f} (first call {comp['first_call_s']:.1f} s, "
+            f"{comp['recompiling_calls']} later calls over 1 s)",
             f"     - {comp['median_s'] / ours:.2f}x",
         ]
     else:

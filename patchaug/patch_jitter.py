@@ -652,6 +652,9 @@ class PatchJitter(nn.Module):
         )
 
     # -------------------------------------------------------------------------- forward
+    # Runs eagerly under torch.compile: the gated subsets change shape from call to call, and
+    # compiled, every call recompiled (over 1 s a call on the CPU, measured).
+    @torch.compiler.disable
     def forward(
         self,
         images: Tensor,
@@ -707,7 +710,7 @@ class PatchJitter(nn.Module):
             if not gated or not bool(torch.stack(gated).any()):  # one host sync
                 out = x.clone()
             else:
-                out = self._apply(x, params, work_dtype, check_range=False)
+                out = self._apply(x, params, work_dtype)
         if single:
             out = out[0]
         if type(images) is not Tensor:  # e.g. torchvision.tv_tensors.Image
@@ -735,7 +738,7 @@ class PatchJitter(nn.Module):
         return ", ".join(parts)
 
     # -------------------------------------------------------------------------- internals
-    def _check_images(self, images: Any, check_values: bool = True) -> tuple[Tensor, bool]:
+    def _check_images(self, images: Any) -> tuple[Tensor, bool]:
         if not isinstance(images, Tensor):
             raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
         x = images.as_subclass(Tensor)
@@ -761,7 +764,7 @@ class PatchJitter(nn.Module):
             raise ValueError(
                 f"images: height and width must be positive multiples of patch_size={p}, got {h}x{w}"
             )
-        if check_values and x.numel():
+        if x.numel():
             if not self._check_range(torch.stack(torch.aminmax(x))):
                 x = x.clamp(0.0, 1.0)
         return x, single
@@ -805,9 +808,7 @@ class PatchJitter(nn.Module):
         if "noise" in self.ops and params.noise_seed is None:
             raise ValueError("params: noise is active but noise_seed is None")
 
-    def _apply(
-        self, x: Tensor, params: PatchJitterParams, work_dtype: torch.dtype, check_range: bool
-    ) -> Tensor:
+    def _apply(self, x: Tensor, params: PatchJitterParams, work_dtype: torch.dtype) -> Tensor:
         """Augment ``x`` (``(B, C, H, W)``) with ``params``; a new contiguous tensor.
 
         The patches are processed in blocks of consecutive patches (whole images, or whole
@@ -815,14 +816,11 @@ class PatchJitter(nn.Module):
         a reused ``(K, C, p, p)`` buffer, every operator runs on it (on the gated rows only),
         and the block is written into the output. Per-operator work that does not depend on
         pixels (gate indices, per-patch values, blur matrices, the noise) is prepared once for
-        the whole batch. On other devices the whole batch is one block. With ``check_range``,
-        the value range of ``x`` is checked as the blocks are read (see :meth:`_check_range`).
+        the whole batch. On other devices the whole batch is one block.
         """
         b, c, h, w = x.shape
         p = self.patch_size
         gh, gw = h // p, w // p
-        n = gh * gw
-        total = b * n
         out = torch.empty((b, c, h, w), dtype=x.dtype, device=x.device)
         # the random order runs one step per (stage, operator): fewer, larger blocks
         scale = 1 if params.order is None else 4
@@ -830,7 +828,7 @@ class PatchJitter(nn.Module):
         # a workspace of our own: one that no other thread uses during this call
         ws = self._workspaces.pop() if self._workspaces else _Workspace()
         try:
-            self._apply_blocks(x, params, work_dtype, check_range, out, blocks, ws)
+            self._apply_blocks(x, params, work_dtype, out, blocks, ws)
         finally:
             if not self._workspaces:
                 self._workspaces.append(ws)
@@ -841,7 +839,6 @@ class PatchJitter(nn.Module):
         x: Tensor,
         params: PatchJitterParams,
         work_dtype: torch.dtype,
-        check_range: bool,
         out: Tensor,
         blocks: list[tuple[int, int, slice, slice]],
         ws: _Workspace,
@@ -863,19 +860,13 @@ class PatchJitter(nn.Module):
         )
         capacity = blocks[0][1] - blocks[0][0]
         block = _Block(capacity, gathered, hue_rows, c, p, work_dtype, ws, x.device)
-        ranges = []
         for index, (start, stop, images, rows) in enumerate(blocks):
             src = x[images, :, rows]
-            if check_range:  # the first read of these images: brings them into the cache
-                ranges.append(torch.stack(torch.aminmax(src)))
             block.reset(stop - start)
             ops.patchify(src, p, out=block.patches)
             for step in steps:
                 step.run(block, index)
             ops.unpatchify(block.patches, src.shape[0], src.shape[2], w, out=out[images, :, rows])
-        if ranges:
-            lo_hi = torch.stack(ranges)
-            self._check_range(torch.stack((lo_hi[:, 0].min(), lo_hi[:, 1].max())))
 
     def _steps(
         self,

@@ -697,3 +697,17 @@ def test_block_size_depends_on_device_and_threads() -> None:
     finally:
         torch.set_num_threads(threads)
     assert one is not None and two is not None and 1 <= one <= two
+
+
+def test_torch_compile_runs_the_module_eagerly_without_recompiling() -> None:
+    # the gated subsets change shape every call: compiled, each call would recompile
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    jitter = PatchJitter.paper(8)
+    compiled = torch.compile(jitter, backend=counter)
+    for seed in range(3):
+        x = images(seed)
+        params = jitter.sample_params(2, 16, 24, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(compiled(x, params=params), jitter(x, params=params))
+    assert counter.frame_count == 0
