@@ -711,3 +711,44 @@ def test_torch_compile_runs_the_module_eagerly_without_recompiling() -> None:
         params = jitter.sample_params(2, 16, 24, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(compiled(x, params=params), jitter(x, params=params))
     assert counter.frame_count == 0
+
+
+# ------------------------------------------------------------------ scratch between calls
+def test_cpu_scratch_is_kept_and_reused_between_calls() -> None:
+    jitter = PatchJitter.paper(8)
+    x = images(0, b=3)
+    params = jitter.sample_params(3, 16, 24, generator=torch.Generator().manual_seed(0))
+    first = jitter(x, params=params)
+    (ws,) = jitter._workspaces
+    arena = ws._buffers["arena"].data_ptr()
+    assert torch.equal(jitter(x, params=params), first)
+    assert jitter._workspaces == [ws] and ws._buffers["arena"].data_ptr() == arena
+
+
+def test_scratch_is_neither_pickled_nor_deep_copied() -> None:
+    import copy
+    import pickle
+
+    jitter = PatchJitter.paper(8)
+    x = images(1)
+    params = jitter.sample_params(2, 16, 24, generator=torch.Generator().manual_seed(1))
+    out = jitter(x, params=params)
+    assert jitter._workspaces  # filled by the call
+    for clone in (pickle.loads(pickle.dumps(jitter)), copy.deepcopy(jitter)):
+        assert clone._workspaces == []
+        assert torch.equal(clone(x, params=params), out)
+
+
+def test_concurrent_calls_from_threads_do_not_share_scratch() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    jitter = PatchJitter.authors(8)  # random order: the most scratch in use
+    cases = []
+    for seed in range(8):
+        x = images(seed, b=3)
+        params = jitter.sample_params(3, 16, 24, generator=torch.Generator().manual_seed(seed))
+        cases.append((x, params, jitter(x, params=params)))
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda case: jitter(case[0], params=case[1]), cases * 4))
+    for (_, _, want), got in zip(cases * 4, outs):
+        assert torch.equal(got, want)
