@@ -703,8 +703,8 @@ def blur_matrices(
     patch_size : int
         ``p``.
     work : Tensor, optional
-        Flat buffer of ``sigma``'s dtype with at least ``2 * K * p * p`` elements to hold the
-        matrices (default: allocated).
+        Flat buffer of ``sigma``'s dtype to hold the matrices (default: allocated): at least
+        ``K * p * p`` elements, twice that when both axes blur with different sizes.
 
     Returns
     -------
@@ -725,13 +725,15 @@ def blur_matrices(
     _check_kernel(kernel_size, patch_size)
     kh, kw = kernel_size
     shape = (sigma.shape[0], patch_size * patch_size)
-    mat_w = _blur_matrix(sigma, kw, patch_size, _scratch(work, shape, sigma)) if kw > 1 else None
-    mat_h = mat_w
-    if kh != kw:
-        skip = shape[0] * shape[1]
-        mat_h = None
-        if kh > 1:
-            mat_h = _blur_matrix(sigma, kh, patch_size, _scratch(work, shape, sigma, skip))
+    mat_w = mat_h = None
+    used = 0  # elements of work taken
+    if kw > 1:
+        mat_w = _blur_matrix(sigma, kw, patch_size, _scratch(work, shape, sigma))
+        used = shape[0] * shape[1]
+    if kh == kw:
+        mat_h = mat_w
+    elif kh > 1:
+        mat_h = _blur_matrix(sigma, kh, patch_size, _scratch(work, shape, sigma, used))
     return mat_h, mat_w
 
 
