@@ -90,11 +90,7 @@ def timeit_interleaved(
             if sync:
                 sync()
             times[name].append(time.perf_counter() - start)
-    out = {}
-    for name, ts in times.items():
-        srt = sorted(ts)
-        out[name] = {"median_s": srt[len(srt) // 2], "min_s": srt[0], "times_s": ts}
-    return out
+    return summarise(times)
 
 
 def timeit_steady(
@@ -115,6 +111,11 @@ def timeit_steady(
                 start = time.perf_counter()
                 fns[name]()
                 times[name].append(time.perf_counter() - start)
+    return summarise(times)
+
+
+def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """Per name, the median and min of the times (s) and the times themselves."""
     out = {}
     for name, ts in times.items():
         srt = sorted(ts)
