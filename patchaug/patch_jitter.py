@@ -724,8 +724,7 @@ class PatchJitter(nn.Module):
         return (out, params) if return_params else out
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
+        state = self.__dict__.copy()
         state["_workspaces"] = []  # scratch memory: neither pickled nor deep-copied
         return state
 
@@ -1041,7 +1040,9 @@ class _Workspace:
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A flat tensor of at least ``numel`` elements (contents undefined)."""
         buf = self._buffers.get(name)
-        if buf is not None and buf.numel() >= numel and buf.dtype == dtype and buf.device == device:
+        if buf is not None and (
+            buf.numel() >= numel and buf.dtype == dtype and buf.device == device
+        ):
             return buf[:numel]
         buf = torch.empty(numel, dtype=dtype, device=device)
         if device.type == "cpu" and numel * buf.element_size() <= _MAX_KEPT_BYTES:
