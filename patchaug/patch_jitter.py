@@ -164,6 +164,8 @@ class PatchJitterParams:
         shape = (count, channels, p, p)
         if out is None:
             return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out: expected a tensor or None, got {type(out).__name__}")
         numel = count * channels * p * p
         if out.dtype != dtype or out.device != device or out.ndim != 1 or out.numel() < numel:
             raise ValueError(

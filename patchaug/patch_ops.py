@@ -208,6 +208,8 @@ def _scratch(work: Tensor | None, shape: tuple[int, ...], like: Tensor, skip: in
         numel *= size
     if work is None:
         return like.new_empty(shape)
+    if not isinstance(work, Tensor):
+        raise TypeError(f"work: expected a tensor or None, got {type(work).__name__}")
     if work.dtype != like.dtype or work.device != like.device or not work.is_contiguous():
         raise ValueError(
             f"work: expected a contiguous {like.dtype} tensor on {like.device}, got "

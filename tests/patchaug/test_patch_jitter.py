@@ -752,3 +752,15 @@ def test_concurrent_calls_from_threads_do_not_share_scratch() -> None:
         outs = list(pool.map(lambda case: jitter(case[0], params=case[1]), cases * 4))
     for (_, _, want), got in zip(cases * 4, outs):
         assert torch.equal(got, want)
+
+
+def test_noise_out_buffer_is_checked_and_gives_the_same_rows() -> None:
+    params = PatchJitter.paper(8).sample_params(2, 16, 24, generator=torch.Generator().manual_seed(2))
+    rows = params.noise(3)
+    assert torch.equal(params.noise(3, out=torch.empty(rows.numel() + 5)), rows)
+    with pytest.raises(TypeError, match="out"):
+        params.noise(3, out=[0.0])
+    with pytest.raises(ValueError, match="out"):
+        params.noise(3, out=torch.empty(rows.numel() - 1))
+    with pytest.raises(ValueError, match="out"):
+        params.noise(3, out=torch.empty(rows.numel(), dtype=torch.float64))

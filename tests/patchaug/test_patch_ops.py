@@ -334,3 +334,37 @@ def test_colour_operators_keep_the_dtype(dtype: torch.dtype, atol: float) -> Non
 def test_reusable_kernels_reject_bad_input(call, arg) -> None:
     with pytest.raises(ValueError, match=arg):
         call()
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda: po.saturation(torch.rand(2, 3, 4, 4), torch.ones(2), work=[0.0]), TypeError),
+        (lambda: po.saturation(torch.rand(2, 3, 4, 4), torch.ones(2), work=torch.empty(31)),
+         ValueError),
+        (lambda: po.solarize(torch.rand(2, 3, 4, 4), torch.ones(2),
+                             work=torch.empty(96, dtype=torch.float64)), ValueError),
+        (lambda: po.solarize(torch.rand(2, 3, 4, 4), torch.ones(2),
+                             work=torch.empty(2, 96)[:, :48]), ValueError),
+        (lambda: po.blur_matrices(torch.ones(2), (5, 3), 8, work=torch.empty(127)), ValueError),
+        (lambda: po.blur_with_matrices(torch.rand(2, 3, 8, 8), *po.blur_matrices(
+            torch.ones(2), (5, 5), 8), work=torch.empty(767)), ValueError),
+    ],
+)
+def test_scratch_buffers_are_checked(call, error) -> None:
+    with pytest.raises(error, match="work"):
+        call()
+
+
+def test_scratch_buffers_give_the_same_results() -> None:
+    x = torch.rand(5, 3, 8, 8)
+    f = torch.rand(5) + 0.5
+    work = torch.empty(2 * x.numel())
+    torch.testing.assert_close(po.saturation(x, f, work=work), po.saturation(x, f), atol=0, rtol=0)
+    torch.testing.assert_close(po.solarize(x, f / 2, work=work), po.solarize(x, f / 2),
+                               atol=0, rtol=0)
+    mats = po.blur_matrices(f, (5, 3), 8, work=torch.empty(2 * 5 * 64))
+    for got, want in zip(mats, po.blur_matrices(f, (5, 3), 8)):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(po.blur_with_matrices(x, *mats, work=work),
+                               po.blur_with_matrices(x, *mats), atol=0, rtol=0)
