@@ -3,8 +3,9 @@
 - :func:`match_patches`: which tokens of two crops show the same source pixels.
 - :class:`RandomResizedCropWithBox` / :func:`batched_random_resized_crop`: crops
   that report their boxes and flips.
-- :class:`PatchJitter`: per-patch photometric augmentation in one batched pass
-  (functional core in :mod:`patchaug.patch_ops`).
+- :class:`PatchJitter`: per-patch photometric augmentation, a Kornia augmentation (operators in
+  :mod:`patchaug.operators`, functional core in :mod:`patchaug.patch_ops`, a fused Triton
+  kernel on CUDA).
 - :func:`draw_matches`: a picture of two views and their matched patches.
 """
 
@@ -16,7 +17,8 @@ from .crops import (
     sample_crop_boxes,
 )
 from .matching import RULES, PatchMatch, match_patches, patch_centres
-from .patch_jitter import OPERATORS, PatchJitter, PatchJitterParams
+from .operators import OPERATORS, PatchOp
+from .patch_jitter import PatchJitter, PatchJitterParams
 from .visualize import draw_matches
 
 __version__ = "0.1.0"
@@ -28,6 +30,7 @@ __all__ = [
     "PatchJitter",
     "PatchJitterParams",
     "PatchMatch",
+    "PatchOp",
     "RandomResizedCropWithBox",
     "batched_random_resized_crop",
     "draw_matches",
