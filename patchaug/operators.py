@@ -34,6 +34,7 @@ import kornia
 import torch
 from torch import Tensor
 
+from . import blocked_ops as fast
 from . import patch_ops as ops
 
 __all__ = [
@@ -211,7 +212,7 @@ class Brightness(_Factor):
         return kornia.enhance.adjust_brightness_accumulative(patches, values)
 
     def run(self, patches: Tensor, values: Tensor, *, work: Tensor) -> Tensor:  # type: ignore[override]
-        return ops.brightness(patches, values, inplace=True)
+        return fast.brightness_(patches, values)
 
 
 class Contrast(_Factor):
@@ -227,7 +228,7 @@ class Contrast(_Factor):
         return kornia.enhance.adjust_contrast_with_mean_subtraction(patches, values)
 
     def run(self, patches: Tensor, values: Tensor, *, work: Tensor) -> Tensor:  # type: ignore[override]
-        return ops.contrast(patches, values, inplace=True)
+        return fast.contrast_(patches, values)
 
 
 class Saturation(_Factor):
@@ -245,7 +246,7 @@ class Saturation(_Factor):
         return kornia.enhance.adjust_saturation_with_gray_subtraction(patches, values)
 
     def run(self, patches: Tensor, values: Tensor, *, work: Tensor) -> Tensor:  # type: ignore[override]
-        return ops.saturation(patches, values, inplace=True, work=work)
+        return fast.saturation_(patches, values, work)
 
 
 class Hue(PatchOp):
@@ -281,16 +282,16 @@ class Hue(PatchOp):
         self, values: Tensor, patch_size: int, noise: Tensor | None = None
     ) -> tuple[Tensor | None, ...]:
         # (K, 3, 1, 1): one row per patch, so that the engine can slice the rows it runs on
-        return (ops.hue_offsets(values, values).transpose(0, 1),)
+        return (fast.hue_offsets(values, values).transpose(0, 1),)
 
     def run(self, patches: Tensor, offsets: Tensor, *, work: Tensor) -> Tensor:  # type: ignore[override]
         if patches.shape[1] != 3:
             return patches
         # five scratch planes for chunks of patches small enough to stay in cache
         k, _, p, _ = patches.shape
-        m = max(1, min(k, ops.cpu_block_patches(patches), work.numel() // (5 * p * p)))
+        m = max(1, min(k, fast.cpu_block_patches(patches), work.numel() // (5 * p * p)))
         planes = work[: 5 * m * p * p].view(5, m, p, p)
-        return ops.hue_with_offsets(patches, offsets.to(patches.dtype).transpose(0, 1), planes)
+        return fast.hue_with_offsets(patches, offsets.to(patches.dtype).transpose(0, 1), planes)
 
 
 class Grayscale(PatchOp):
@@ -334,7 +335,7 @@ class Solarize(PatchOp):
         return kornia.enhance.solarize(patches, values)
 
     def run(self, patches: Tensor, values: Tensor, *, work: Tensor) -> Tensor:  # type: ignore[override]
-        return ops.solarize(patches, values, inplace=True, work=work)
+        return fast.solarize_(patches, values, work)
 
 
 class Posterize(PatchOp):
@@ -399,7 +400,7 @@ class Sharpness(PatchOp):
         return kornia.enhance.sharpness(patches, values)
 
     def run(self, patches: Tensor, values: Tensor, *, work: Tensor) -> Tensor:  # type: ignore[override]
-        return ops.sharpness(patches, values, inplace=True)
+        return fast.sharpness_(patches, values)
 
 
 class GaussianBlur(PatchOp):
@@ -461,12 +462,12 @@ class GaussianBlur(PatchOp):
         self, values: Tensor, patch_size: int, noise: Tensor | None = None
     ) -> tuple[Tensor | None, ...]:
         # the per-patch (p x p) blur matrices of both axes, once per call
-        return ops.blur_matrices(values, self.kernel_for(patch_size), patch_size)
+        return fast.blur_matrices(values, self.kernel_for(patch_size), patch_size)
 
     def run(  # type: ignore[override]
         self, patches: Tensor, mat_h: Tensor | None, mat_w: Tensor | None, *, work: Tensor
     ) -> Tensor:
-        return ops.blur_with_matrices(patches, mat_h, mat_w, work=work)
+        return fast.blur_with_matrices(patches, mat_h, mat_w, work=work)
 
 
 class GaussianNoise(PatchOp):
@@ -494,7 +495,7 @@ class GaussianNoise(PatchOp):
     def run(  # type: ignore[override]
         self, patches: Tensor, values: Tensor, noise: Tensor, *, work: Tensor
     ) -> Tensor:
-        return ops.gaussian_noise(patches, values, noise, inplace=True)
+        return fast.gaussian_noise_(patches, values, noise)
 
 
 #: Every built-in operator class, in the fixed order of the presets: colour first (as in

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patchaug.blocked_engine as be
-import patchaug.patch_ops as po
+import patchaug.blocked_ops as po
 from patchaug.patch_jitter import PatchJitter, PatchJitterParams, apply_reference
 
 from .jitter_cases import CONFIGS, everything, images, to_patches

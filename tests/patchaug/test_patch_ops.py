@@ -192,17 +192,6 @@ def test_identity_parameters_are_bit_exact(x: torch.Tensor) -> None:
     assert torch.equal(po.posterize(x, torch.full((x.shape[0],), 8)), x)
 
 
-@given(x=rgb_batches, seed=st.integers(0, 1000))
-def test_inplace_variants_write_into_input_and_agree(x: torch.Tensor, seed: int) -> None:
-    f = _uniform(x, 0.0, 0.5, seed)
-    for fn in (po.brightness, po.contrast, po.saturation, po.hue, po.solarize, po.sharpness):
-        expected = fn(x, f)
-        work = x.clone()
-        result = fn(work, f, inplace=True)
-        assert result.data_ptr() == work.data_ptr()
-        torch.testing.assert_close(result, expected, atol=0, rtol=0)
-
-
 def test_gaussian_blur_rejects_kernel_wider_than_reflect_allows() -> None:
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(ValueError, match="kernel_size"):
@@ -262,42 +251,6 @@ def test_hue_keeps_each_pixel_between_its_min_and_max(
     assert bool((y >= x.amin(dim=1, keepdim=True) - 1e-7).all())  # up to rounding
 
 
-@settings(max_examples=20, deadline=None)
-@given(x=rgb_batches, seed=st.integers(0, 1000), block=st.integers(1, 13))
-def test_hue_with_offsets_does_not_depend_on_the_workspace_block(
-    x: torch.Tensor, seed: int, block: int
-) -> None:
-    f = _uniform(x, -0.5, 0.5, seed)
-    offsets = po.hue_offsets(f, x)
-    assert offsets.shape == (3, x.shape[0], 1, 1)
-    work = x.new_empty((5, block, *x.shape[2:]))
-    out = po.hue_with_offsets(x.clone(), offsets, work)
-    assert torch.equal(out, po.hue(x, f))
-    torch.testing.assert_close(out, KE.adjust_hue(x, f * 2 * math.pi), atol=TOL, rtol=0)
-
-
-@settings(max_examples=20, deadline=None)
-@given(x=patch_batches, seed=st.integers(0, 1000), kh=st.integers(0, 7), kw=st.integers(0, 7))
-def test_blur_with_precomputed_matrices_equals_gaussian_blur(
-    x: torch.Tensor, seed: int, kh: int, kw: int
-) -> None:
-    p = x.shape[-1]
-    size = (min(2 * kh + 1, 2 * p - 1), min(2 * kw + 1, 2 * p - 1))
-    s = _uniform(x, 0.1, 3.0, seed)
-    mat_h, mat_w = po.blur_matrices(s, size, p)
-    assert (mat_h is None) == (size[0] == 1) and (mat_w is None) == (size[1] == 1)
-    out = po.blur_with_matrices(x, mat_h, mat_w)
-    assert torch.equal(out, po.gaussian_blur(x, s, size))
-    # a subset of rows with the matching rows of the matrices: the same rows of the result
-    rows = torch.arange(0, x.shape[0], 2)
-    sub = po.blur_with_matrices(
-        x[rows],
-        None if mat_h is None else mat_h[rows],
-        None if mat_w is None else mat_w[rows],
-    )
-    torch.testing.assert_close(sub, out[rows], atol=1e-6, rtol=0)
-
-
 @pytest.mark.parametrize(
     ("dtype", "atol"), [(torch.float16, 1e-2), (torch.bfloat16, 6e-2), (torch.float64, 1e-12)]
 )
@@ -311,60 +264,3 @@ def test_colour_operators_keep_the_dtype(dtype: torch.dtype, atol: float) -> Non
         ref = fn(x.double(), f.double())
         torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
 
-
-@pytest.mark.parametrize(
-    ("call", "arg"),
-    [
-        (lambda: po.blur_matrices(torch.ones(2, 1), (5, 5), 8), "sigma"),
-        (lambda: po.blur_matrices(torch.ones(2), (4, 5), 8), r"kernel_size\[0\]"),
-        (lambda: po.blur_matrices(torch.ones(2), (5, 17), 8), r"kernel_size\[1\]"),
-        (lambda: po.blur_with_matrices(torch.rand(2, 3, 8, 6), None, None), "x"),
-        (lambda: po.blur_with_matrices(torch.rand(2, 3, 8, 8), torch.rand(3, 8, 8), None),
-         "mat_h"),
-        (lambda: po.blur_with_matrices(torch.rand(2, 3, 8, 8), None, torch.rand(2, 4, 4)),
-         "mat_w"),
-        (lambda: po.hue_offsets(torch.rand(2, 2), torch.rand(4, 3, 8, 8)), "factor"),
-        (lambda: po.hue_with_offsets(torch.rand(2, 1, 8, 8), torch.zeros(3, 2, 1, 1)), "x"),
-        (lambda: po.hue_with_offsets(torch.rand(2, 3, 8, 8), torch.zeros(3, 4, 1, 1)),
-         "offsets"),
-        (lambda: po.hue_with_offsets(torch.rand(2, 3, 8, 8), torch.zeros(3, 2, 1, 1),
-                                      torch.empty(4, 2, 8, 8)), "work"),
-    ],
-)
-def test_reusable_kernels_reject_bad_input(call, arg) -> None:
-    with pytest.raises(ValueError, match=arg):
-        call()
-
-
-@pytest.mark.parametrize(
-    ("call", "error"),
-    [
-        (lambda: po.saturation(torch.rand(2, 3, 4, 4), torch.ones(2), work=[0.0]), TypeError),
-        (lambda: po.saturation(torch.rand(2, 3, 4, 4), torch.ones(2), work=torch.empty(31)),
-         ValueError),
-        (lambda: po.solarize(torch.rand(2, 3, 4, 4), torch.ones(2),
-                             work=torch.empty(96, dtype=torch.float64)), ValueError),
-        (lambda: po.solarize(torch.rand(2, 3, 4, 4), torch.ones(2),
-                             work=torch.empty(2, 96)[:, :48]), ValueError),
-        (lambda: po.blur_matrices(torch.ones(2), (5, 3), 8, work=torch.empty(127)), ValueError),
-        (lambda: po.blur_with_matrices(torch.rand(2, 3, 8, 8), *po.blur_matrices(
-            torch.ones(2), (5, 5), 8), work=torch.empty(767)), ValueError),
-    ],
-)
-def test_scratch_buffers_are_checked(call, error) -> None:
-    with pytest.raises(error, match="work"):
-        call()
-
-
-def test_scratch_buffers_give_the_same_results() -> None:
-    x = torch.rand(5, 3, 8, 8)
-    f = torch.rand(5) + 0.5
-    work = torch.empty(2 * x.numel())
-    torch.testing.assert_close(po.saturation(x, f, work=work), po.saturation(x, f), atol=0, rtol=0)
-    torch.testing.assert_close(po.solarize(x, f / 2, work=work), po.solarize(x, f / 2),
-                               atol=0, rtol=0)
-    mats = po.blur_matrices(f, (5, 3), 8, work=torch.empty(2 * 5 * 64))
-    for got, want in zip(mats, po.blur_matrices(f, (5, 3), 8)):
-        assert torch.equal(got, want)
-    torch.testing.assert_close(po.blur_with_matrices(x, *mats, work=work),
-                               po.blur_with_matrices(x, *mats), atol=0, rtol=0)
