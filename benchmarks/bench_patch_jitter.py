@@ -14,11 +14,18 @@ CPU part (always, ``torch.set_num_threads(2)``), B = 32 images of 3 x 224 x 224,
 * a plain Python loop over the 6272 patches applying Kornia's functional ops one patch at a
   time (run once, it is slow);
 * every operator alone on the ``(B * N, C, p, p)`` = (6272, 3, 16, 16) patch batch, all
-  patches, against Kornia's functional op with per-patch parameters.
+  patches, against Kornia's functional op with per-patch parameters;
+* ``patchaug.PerPatch(ColorJiggle(0.4, 0.4, 0.2, 0.1, p=0.8), RandomGaussianBlur((13, 13),
+  (0.1, 2.0), p=0.5), patch_size=16)`` against Kornia ``PatchSequential`` with the same two
+  augmentations (``grid_size=(14, 14), patchwise_apply=False``), timed round-robin; both draw the
+  same per-patch parameters from the same seed, and the largest difference of their outputs
+  under one seed is recorded too.
 
-GPU part (only when CUDA is available): B = 256 at 224, images/s and the fraction of the
-memory roofline, ``2 * B * 3 * 224 * 224 * itemsize`` bytes (image read and written once) over
-the time, against the device-to-device copy bandwidth measured on the same GPU.
+GPU part (only when CUDA is available): B = 256 at 224, both presets on every engine (the fused
+Triton kernel and the torch engine), float32 and bfloat16, and Kornia's PatchSequential:
+images/s and the fraction of the memory roofline, ``2 * B * 3 * 224 * 224 * itemsize`` bytes
+(image read and written once) over the time, against the device-to-device copy bandwidth
+measured on the same GPU for the same dtype.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_patch_jitter.py [--quick]``.
 """
@@ -45,8 +52,9 @@ if str(ROOT) not in sys.path:
 import kornia  # noqa: E402
 import kornia.augmentation as K  # noqa: E402
 
-from patchaug import patch_ops  # noqa: E402
+from patchaug import operators as O  # noqa: E402
 from patchaug.patch_jitter import PatchJitter  # noqa: E402
+from patchaug.per_patch import PerPatch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
@@ -130,30 +138,122 @@ def paired_ratio(slow: dict[str, Any], fast: dict[str, Any]) -> float:
 
 
 def kornia_patch_sequential(jitter: PatchJitter, colour: str) -> torch.nn.Module:
-    r = jitter.ranges
-    pr = jitter.probs
+    """Kornia's PatchSequential with the operators, probabilities and ranges of ``jitter``."""
+    ops = {op.name: op for op in jitter.operators}
     colour_cls = K.ColorJiggle if colour == "ColorJiggle" else K.ColorJitter
-    sigma_lo, sigma_hi = r["blur"]
-    std = sum(r["noise"]) / 2
+    c = [(ops[k].low, ops[k].high) for k in ("brightness", "contrast", "saturation", "hue")]
+    blur = ops["blur"]
+    std = (ops["noise"].low + ops["noise"].high) / 2  # Kornia's noise has one fixed std
     return K.PatchSequential(
-        colour_cls(r["brightness"], r["contrast"], r["saturation"], r["hue"], p=pr["hue"]),
-        K.RandomSolarize(thresholds=0.0, additions=0.0, p=pr["solarize"]),
-        K.RandomGaussianBlur(jitter.blur_kernel_size, (sigma_lo, sigma_hi), p=pr["blur"]),
-        K.RandomGaussianNoise(mean=0.0, std=std, p=pr["noise"]),
+        colour_cls(*c, p=ops["hue"].p),
+        K.RandomSolarize(thresholds=0.0, additions=0.0, p=ops["solarize"].p),
+        K.RandomGaussianBlur(blur.kernel_for(PATCH), (blur.low, blur.high), p=blur.p),
+        K.RandomGaussianNoise(mean=0.0, std=std, p=ops["noise"].p),
         grid_size=(SIZE // PATCH, SIZE // PATCH),
         patchwise_apply=False,
     )
+
+
+def per_patch_pipelines() -> dict[str, torch.nn.Module]:
+    """PerPatch and Kornia's PatchSequential around the same two augmentations (own instances)."""
+
+    def augs() -> tuple[torch.nn.Module, torch.nn.Module]:
+        return (
+            K.ColorJiggle(0.4, 0.4, 0.2, 0.1, p=0.8),
+            K.RandomGaussianBlur((13, 13), (0.1, 2.0), p=0.5),
+        )
+
+    return {
+        "perpatch_colorjiggle_blur": PerPatch(*augs(), patch_size=PATCH),
+        "kornia_patchsequential_colorjiggle_blur": K.PatchSequential(
+            *augs(), grid_size=(SIZE // PATCH, SIZE // PATCH), patchwise_apply=False
+        ),
+    }
+
+
+def per_patch_part(x: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """PerPatch against PatchSequential on ``x``: times (round-robin), ratio, same-seed diff."""
+    pipelines = per_patch_pipelines()
+    outs = []
+    for fn in pipelines.values():
+        # Kornia draws from the global generator: one seed gives both the same parameters
+        torch.manual_seed(0)
+        outs.append(fn(x))
+    out: dict[str, Any] = timeit_interleaved(
+        {name: (lambda fn=fn: fn(x)) for name, fn in pipelines.items()}, repeats
+    )
+    ours = out["perpatch_colorjiggle_blur"]
+    theirs = out["kornia_patchsequential_colorjiggle_blur"]
+    out["speedup_vs_patchsequential"] = theirs["median_s"] / ours["median_s"]
+    out["speedup_vs_patchsequential_paired"] = paired_ratio(theirs, ours)
+    out["max_abs_diff_same_seed"] = float((outs[0] - outs[1]).abs().max())
+    return out
+
+
+def per_patch_markdown(part: dict[str, Any] | None) -> list[str]:
+    """Markdown lines of the PerPatch comparison (none for results from before it existed)."""
+    if not part:
+        return []
+    ours = part["perpatch_colorjiggle_blur"]["median_s"]
+    theirs = part["kornia_patchsequential_colorjiggle_blur"]["median_s"]
+    return [
+        "",
+        "`PerPatch` against Kornia `PatchSequential(..., grid_size=(14, 14), "
+        "patchwise_apply=False)`, both around `ColorJiggle(0.4, 0.4, 0.2, 0.1, p=0.8)` and "
+        "`RandomGaussianBlur((13, 13), (0.1, 2.0), p=0.5)`, same input, timed round-robin "
+        f"(median of {len(part['perpatch_colorjiggle_blur']['times_s'])} rounds):",
+        "",
+        "| pipeline | time (ms) | time / `PerPatch` |",
+        "|---|---:|---:|",
+        f"| `PerPatch(..., patch_size=16)` | {1e3 * ours:.1f} | 1.0x |",
+        f"| Kornia `PatchSequential` | {1e3 * theirs:.1f} | {theirs / ours:.2f}x |",
+        "",
+        f"PatchSequential / PerPatch: **{part['speedup_vs_patchsequential']:.2f}x** (ratio of "
+        f"medians; median of the per-round ratios: "
+        f"{part['speedup_vs_patchsequential_paired']:.2f}x). Under one seed both draw the same "
+        f"per-patch parameters; largest output difference {part['max_abs_diff_same_seed']:.1e}.",
+    ]
+
+
+def per_patch_rst(part: dict[str, Any] | None) -> list[str]:
+    """reStructuredText lines of the PerPatch comparison."""
+    if not part:
+        return []
+    ours = part["perpatch_colorjiggle_blur"]["median_s"]
+    theirs = part["kornia_patchsequential_colorjiggle_blur"]["median_s"]
+    return [
+        "",
+        ".. list-table:: ``PerPatch`` against Kornia ``PatchSequential`` (``patchwise_apply="
+        "False``), both around ColorJiggle(0.4, 0.4, 0.2, 0.1, p=0.8) and "
+        "RandomGaussianBlur((13, 13), (0.1, 2.0), p=0.5), same CPU and input",
+        "   :header-rows: 1",
+        "",
+        "   * - pipeline",
+        "     - time (ms)",
+        "     - relative to ``PerPatch``",
+        "   * - ``PerPatch(..., patch_size=16)``",
+        f"     - {1e3 * ours:.1f}",
+        "     - 1.0x",
+        "   * - Kornia ``PatchSequential(..., grid_size=(14, 14), patchwise_apply=False)``",
+        f"     - {1e3 * theirs:.1f}",
+        f"     - {theirs / ours:.2f}x",
+        "",
+        f"Under one seed both draw the same per-patch parameters (largest output difference "
+        f"{part['max_abs_diff_same_seed']:.1e}).",
+    ]
 
 
 def per_patch_loop(
     images: torch.Tensor, jitter: PatchJitter, generator: torch.Generator
 ) -> torch.Tensor:
     """The naive way: one Python iteration per patch, Kornia's functional ops on (1, C, p, p)."""
-    r, pr = jitter.ranges, jitter.probs
+    ops = {op.name: op for op in jitter.operators}
+    r = {name: (op.low, op.high) for name, op in ops.items()}
+    pr = {name: op.p for name, op in ops.items()}
     p = PATCH
     out = images.clone()
     b, _, h, w = images.shape
-    ks = jitter.blur_kernel_size
+    ks = ops["blur"].kernel_for(PATCH)
 
     def u(lo: float = 0.0, hi: float = 1.0) -> float:
         return lo + (hi - lo) * float(torch.rand((), generator=generator))
@@ -189,68 +289,37 @@ def per_patch_loop(
 
 
 def per_op_rows(repeats: int) -> list[dict[str, Any]]:
-    """Each operator alone on all 6272 patches: PatchJitter's op vs Kornia's functional op."""
+    """Each operator alone on all 6272 patches: the torch engine's fast path (in place on a
+    copy, as PatchJitter runs it) vs Kornia's functional op with per-patch parameters."""
     g = torch.Generator().manual_seed(1)
     n = BATCH * (SIZE // PATCH) ** 2
     x = torch.rand(n, 3, PATCH, PATCH, generator=g)
-    f = 0.5 + torch.rand(n, generator=g)
-    h = torch.rand(n, generator=g) - 0.5
-    s = 0.1 + 1.9 * torch.rand(n, generator=g)
-    bits = torch.randint(1, 8, (n,), generator=g)
     noise = torch.randn(x.shape, generator=g)
-    std = 0.1 * torch.rand(n, generator=g)
-    sig2 = torch.stack([s, s], 1)
+    work = torch.empty(2 * x.numel())
     cases = [
-        (
-            "brightness",
-            lambda: patch_ops.brightness(x, f),
-            lambda: kornia.enhance.adjust_brightness_accumulative(x, f),
-        ),
-        (
-            "contrast",
-            lambda: patch_ops.contrast(x, f),
-            lambda: kornia.enhance.adjust_contrast_with_mean_subtraction(x, f),
-        ),
-        (
-            "saturation",
-            lambda: patch_ops.saturation(x, f),
-            lambda: kornia.enhance.adjust_saturation_with_gray_subtraction(x, f),
-        ),
-        ("hue", lambda: patch_ops.hue(x, h), lambda: kornia.enhance.adjust_hue(x, h * 2 * math.pi)),
-        (
-            "grayscale",
-            lambda: patch_ops.grayscale(x),
-            lambda: kornia.color.rgb_to_grayscale(x).expand_as(x).contiguous(),
-        ),
-        (
-            "solarize",
-            lambda: patch_ops.solarize(x, f - 0.5),
-            lambda: kornia.enhance.solarize(x, f - 0.5),
-        ),
-        (
-            "blur 13x13",
-            lambda: patch_ops.gaussian_blur(x, s, (13, 13)),
-            lambda: kornia.filters.gaussian_blur2d(x, (13, 13), sig2),
-        ),
-        (
-            "blur 5x1",
-            lambda: patch_ops.gaussian_blur(x, s, (5, 1)),
-            lambda: kornia.filters.gaussian_blur2d(x, (5, 1), sig2),
-        ),
-        (
-            "noise",
-            lambda: patch_ops.gaussian_noise(x, std, noise),
-            lambda: (x + std.view(-1, 1, 1, 1) * noise).clamp(0, 1),
-        ),
-        (
-            "posterize",
-            lambda: patch_ops.posterize(x, bits),
-            lambda: kornia.enhance.posterize(x, bits),
-        ),
-        ("sharpness", lambda: patch_ops.sharpness(x, f), lambda: kornia.enhance.sharpness(x, f)),
+        ("brightness", O.Brightness(0.5)),
+        ("contrast", O.Contrast(0.5)),
+        ("saturation", O.Saturation(0.5)),
+        ("hue", O.Hue(0.5)),
+        ("grayscale", O.Grayscale()),
+        ("solarize", O.Solarize((0.0, 1.0))),
+        ("blur 13x13", O.GaussianBlur((0.1, 2.0), kernel_size=13)),
+        ("blur 5x1", O.GaussianBlur((0.1, 2.0), kernel_size=(5, 1))),
+        ("noise", O.GaussianNoise((0.0, 0.1))),
+        ("posterize", O.Posterize((1, 7))),
+        ("sharpness", O.Sharpness((0.5, 1.5))),
     ]
     rows = []
-    for name, ours, theirs in cases:
+    for name, op in cases:
+        v = op.sample(torch.rand(n, generator=g))
+        nz = noise if op.draws_noise else None
+
+        def ours(op: O.PatchOp = op, v: torch.Tensor = v, nz: Any = nz) -> torch.Tensor:
+            return op.run(x.clone(), *op.prepare(v, PATCH, nz), work=work)
+
+        def theirs(op: O.PatchOp = op, v: torch.Tensor = v, nz: Any = nz) -> torch.Tensor:
+            return op.reference(x, v, nz)
+
         err = float((ours() - theirs()).abs().max())
         timed = timeit_interleaved({"ours": ours, "kornia": theirs}, repeats)
         t_ours = timed["ours"]["median_s"]
@@ -309,40 +378,45 @@ def compiled_run(repeats: int, timeout_s: int, threads: int) -> dict[str, Any]:
     return {"status": "failed: " + " | ".join(tail)}
 
 
+GPU_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def gpu_part(repeats: int, device: str = "cuda", batch: int = 256) -> dict[str, Any] | None:
-    """GPU timings (``device="cpu"`` only to smoke-test this function without a GPU)."""
+    """GPU timings of every engine, float32 and bfloat16 (``device="cpu"`` only to smoke-test
+    this function without a GPU: the Triton rows are then skipped)."""
     if device == "cuda" and not torch.cuda.is_available():
         return None
+    from patchaug.triton_engine import triton_available
+
     dev = torch.device(device)
     b = batch
     x = torch.rand(b, 3, SIZE, SIZE, device=dev)
     g = torch.Generator(device=dev).manual_seed(0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke test)"
-    out: dict[str, Any] = {"device": name, "batch": b}
-    nbytes = 2 * x.numel() * x.element_size()
-    copy = timeit(lambda: x.clone(), repeats, sync=sync)["median_s"]
-    out["copy_bandwidth_GBps"] = nbytes / copy / 1e9
-    for key, jitter in (
-        ("paper", PatchJitter.paper(PATCH)),
-        ("authors", PatchJitter.authors(PATCH)),
-    ):
-        t = timeit(lambda j=jitter: j(x, generator=g), repeats, sync=sync)["median_s"]
-        out[key] = {
-            "median_s": t,
-            "images_per_s": b / t,
-            "achieved_GBps": nbytes / t / 1e9,
-            "roofline_fraction": (nbytes / t) / (nbytes / copy),
-        }
-    xh = x.half()
-    jitter = PatchJitter.paper(PATCH)
-    t = timeit(lambda: jitter(xh, generator=g), repeats, sync=sync)["median_s"]
-    out["paper_fp16"] = {"median_s": t, "images_per_s": b / t}
-    kseq = kornia_patch_sequential(jitter, "ColorJiggle").to(dev)
+    out: dict[str, Any] = {"device": name, "batch": b, "torch": torch.__version__, "rows": {}}
+    backends = ["triton", "torch"] if dev.type == "cuda" and triton_available(dev) else ["torch"]
+    for dname, dtype in GPU_DTYPES.items():
+        xd = x.to(dtype)
+        nbytes = 2 * xd.numel() * xd.element_size()  # the images read and written once
+        copy = timeit(lambda xd=xd: xd.clone(), repeats, sync=sync)["median_s"]
+        out[f"copy_bandwidth_GBps_{dname}"] = nbytes / copy / 1e9
+        for preset in ("paper", "authors"):
+            for backend in backends:
+                jitter = getattr(PatchJitter, preset)(PATCH, backend=backend)
+                t = timeit(lambda j=jitter, xd=xd: j(xd, generator=g), repeats, sync=sync)
+                out["rows"][f"{preset}_{backend}_{dname}"] = {
+                    "median_s": t["median_s"],
+                    "images_per_s": b / t["median_s"],
+                    "achieved_GBps": nbytes / t["median_s"] / 1e9,
+                    "roofline_fraction": copy / t["median_s"],
+                }
+    kseq = kornia_patch_sequential(PatchJitter.paper(PATCH), "ColorJiggle").to(dev)
     t = timeit(lambda: kseq(x), max(3, repeats // 3), sync=sync)["median_s"]
-    out["kornia_patch_sequential"] = {"median_s": t, "images_per_s": b / t}
-    out["speedup_vs_patchsequential"] = t / out["paper"]["median_s"]
-    out["torch"] = torch.__version__
+    out["rows"]["kornia_patch_sequential_float32"] = {"median_s": t, "images_per_s": b / t}
+    best = out["rows"][f"paper_{backends[0]}_float32"]["median_s"]
+    out["speedup_vs_patchsequential"] = t / best
+    out["speedup_vs_torch_engine"] = out["rows"]["paper_torch_float32"]["median_s"] / best
     return out
 
 
@@ -353,25 +427,36 @@ def gpu_markdown(gpu: dict[str, Any] | None) -> list[str]:
             "GPU: not available on the machine that ran this benchmark (the GPU branch "
             "runs only where CUDA is available; `--gpu-only` writes patch_jitter_gpu.md)."
         ]
-    return [
-        f"GPU: {gpu['device']}, torch {gpu.get('torch', '?')}, B = {gpu['batch']} at 224, "
-        f"float32; roofline = image read and written once at the measured copy bandwidth "
-        f"{gpu['copy_bandwidth_GBps']:.0f} GB/s.",
+    lines = [
+        f"GPU: {gpu['device']}, torch {gpu.get('torch', '?')}, B = {gpu['batch']} at 224; "
+        "roofline = the images read and written once at the copy bandwidth measured for the "
+        "same dtype ("
+        + ", ".join(
+            f"{d}: {gpu[f'copy_bandwidth_GBps_{d}']:.0f} GB/s" for d in GPU_DTYPES
+        )
+        + ").",
         "",
-        "| pipeline | ms / batch | images/s | roofline fraction |",
-        "|---|---:|---:|---:|",
-        f"| PatchJitter.paper(16) | {1e3 * gpu['paper']['median_s']:.2f} | "
-        f"{gpu['paper']['images_per_s']:.0f} | {gpu['paper']['roofline_fraction']:.2f} |",
-        f"| PatchJitter.authors(16) | {1e3 * gpu['authors']['median_s']:.2f} | "
-        f"{gpu['authors']['images_per_s']:.0f} | {gpu['authors']['roofline_fraction']:.2f} |",
-        f"| PatchJitter.paper(16), float16 | {1e3 * gpu['paper_fp16']['median_s']:.2f} | "
-        f"{gpu['paper_fp16']['images_per_s']:.0f} | |",
-        f"| Kornia PatchSequential | {1e3 * gpu['kornia_patch_sequential']['median_s']:.2f} | "
-        f"{gpu['kornia_patch_sequential']['images_per_s']:.0f} | |",
-        "",
-        f"PatchJitter.paper(16) is {gpu['speedup_vs_patchsequential']:.1f}x faster than "
-        "PatchSequential on this GPU.",
+        "| pipeline | engine | dtype | ms / batch | images/s | roofline fraction |",
+        "|---|---|---|---:|---:|---:|",
     ]
+    for key, row in gpu["rows"].items():
+        if key.startswith("kornia"):
+            continue
+        preset, backend, dtype = key.split("_")
+        lines.append(
+            f"| PatchJitter.{preset}(16) | {backend} | {dtype} | {1e3 * row['median_s']:.2f} | "
+            f"{row['images_per_s']:.0f} | {row['roofline_fraction']:.3f} |"
+        )
+    k = gpu["rows"]["kornia_patch_sequential_float32"]
+    lines += [
+        f"| Kornia PatchSequential | | float32 | {1e3 * k['median_s']:.2f} | "
+        f"{k['images_per_s']:.0f} | |",
+        "",
+        f"PatchJitter.paper(16), float32, fastest engine: {gpu['speedup_vs_patchsequential']:.1f}x "
+        f"faster than PatchSequential and {gpu['speedup_vs_torch_engine']:.1f}x faster than the "
+        "torch engine on this GPU.",
+    ]
+    return lines
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -446,6 +531,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {row['op']} | {row['patchjitter_ms']:.2f} | {row['kornia_ms']:.2f} | "
             f"{row['speedup']:.1f}x | {row['max_abs_diff']:.1e} |"
         )
+    lines += per_patch_markdown(res["cpu"].get("per_patch"))
     lines.append("")
     lines += gpu_markdown(res.get("gpu"))
     return "\n".join(lines) + "\n"
@@ -522,15 +608,17 @@ def rst_table(res: dict[str, Any]) -> str:
             f"     - {row['kornia_ms']:.2f}",
             f"     - {row['speedup']:.1f}x",
         ]
+    lines += per_patch_rst(cpu.get("per_patch"))
     gpu = res.get("gpu")
     lines.append("")
     if gpu is None:
         lines.append("No GPU was available where this table was produced.")
     else:
+        row = next(iter(gpu["rows"].values()))
         lines.append(
             f"GPU ({gpu['device']}, {gpu['batch']} images): ``PatchJitter.paper(16)`` "
-            f"{gpu['paper']['images_per_s']:.0f} images/s, "
-            f"{100 * gpu['paper']['roofline_fraction']:.0f} % of the copy-bandwidth roofline."
+            f"{row['images_per_s']:.0f} images/s, "
+            f"{100 * row['roofline_fraction']:.0f} % of the copy-bandwidth roofline."
         )
     return "\n".join(lines) + "\n"
 
@@ -580,6 +668,17 @@ def main() -> None:
     }
     g = torch.Generator().manual_seed(0)
     x = torch.rand(BATCH, 3, SIZE, SIZE, generator=g)
+    # before the PatchJitter pipelines, so that its numbers print even if those fail
+    print("CPU: PerPatch vs PatchSequential (interleaved)")
+    per_patch = per_patch_part(x, repeats)
+    print(
+        f"  PerPatch {1e3 * per_patch['perpatch_colorjiggle_blur']['median_s']:.1f} ms, "
+        f"PatchSequential "
+        f"{1e3 * per_patch['kornia_patchsequential_colorjiggle_blur']['median_s']:.1f} ms: "
+        f"{per_patch['speedup_vs_patchsequential']:.2f}x (paired "
+        f"{per_patch['speedup_vs_patchsequential_paired']:.2f}x; same-seed max diff "
+        f"{per_patch['max_abs_diff_same_seed']:.1e})"
+    )
     paper = PatchJitter.paper(PATCH)
     authors = PatchJitter.authors(PATCH)
     jiggle = kornia_patch_sequential(paper, "ColorJiggle")
@@ -626,6 +725,7 @@ def main() -> None:
         cpu["kornia_patchsequential_colorjitter"]["median_s"] / ours
     )
     cpu["speedup_vs_loop"] = cpu["per_patch_loop"]["median_s"] / ours
+    cpu["per_patch"] = per_patch
     for k, v in cpu.items():
         if isinstance(v, dict) and "median_s" in v:
             print(f"  {k:40s} {1e3 * v['median_s']:9.1f} ms")

@@ -6,6 +6,7 @@
 - :class:`PatchJitter`: per-patch photometric augmentation, a Kornia augmentation (operators in
   :mod:`patchaug.operators`, functional core in :mod:`patchaug.patch_ops`, a fused Triton
   kernel on CUDA).
+- :class:`PerPatch`: any Kornia intensity augmentation, with its own parameters per patch.
 - :func:`draw_matches`: a picture of two views and their matched patches.
 """
 
@@ -19,6 +20,7 @@ from .crops import (
 from .matching import RULES, PatchMatch, match_patches, patch_centres
 from .operators import OPERATORS, PatchOp
 from .patch_jitter import PatchJitter, PatchJitterParams
+from .per_patch import PerPatch
 from .visualize import draw_matches
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __all__ = [
     "PatchJitterParams",
     "PatchMatch",
     "PatchOp",
+    "PerPatch",
     "RandomResizedCropWithBox",
     "batched_random_resized_crop",
     "draw_matches",

@@ -3,7 +3,14 @@
 import os
 
 import torch
-from hypothesis import HealthCheck, settings
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this
+# once, when it is first imported (importing patchaug imports it through torch._dynamo), so it
+# is set here, before any test module imports patchaug.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",
