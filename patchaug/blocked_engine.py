@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import blocked_ops as fast
 from . import patch_ops as ops
 from .operators import PatchOp
 
@@ -113,10 +114,15 @@ class _Step:
             if res.data_ptr() != patches.data_ptr():
                 patches.copy_(res)
             return
-        local = self.local[lo:hi]
-        sub = torch.index_select(patches, 0, local, out=block.scratch(hi - lo))
-        res = self.op.run(sub, *rows, work=block.tmp(2 * sub.numel()))
-        patches.index_copy_(0, local, res)
+        # gather, run and put back chunks small enough to stay in cache throughout
+        chunk = block.chunk
+        for first in range(lo, hi, chunk):
+            last = min(hi, first + chunk)
+            local = self.local[first:last]
+            sub = torch.index_select(patches, 0, local, out=block.scratch(last - first))
+            part = tuple(None if t is None else t[first - lo : last - lo] for t in rows)
+            res = self.op.run(sub, *part, work=block.tmp(2 * sub.numel()))
+            patches.index_copy_(0, local, res)
 
 
 def _steps(
@@ -240,6 +246,7 @@ class _Block:
         shape = (capacity + gathered, channels, patch, patch)
         self.arena = ws.get("arena", math.prod(shape), dtype, device).view(shape)
         self.patches = self.arena[:capacity]
+        self.chunk = fast.cpu_block_patches(self.arena)  # rows gathered at a time
 
     def reset(self, size: int) -> None:
         self.patches = self.arena[:size]

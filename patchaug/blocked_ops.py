@@ -38,6 +38,8 @@ __all__ = [
     "saturation_",
     "solarize_",
     "sharpness_",
+    "grayscale_",
+    "posterize_",
     "gaussian_noise_",
     "hue_offsets",
     "hue_with_offsets",
@@ -162,6 +164,28 @@ def sharpness_(x: Tensor, factor: Tensor) -> Tensor:
     blended.mul_(_col(factor, x)).add_(degenerate).clamp_(0.0, 1.0)
     x[..., 1:-1, 1:-1] = blended
     return x.clamp_(0.0, 1.0)
+
+
+def grayscale_(x: Tensor, work: Tensor | None = None) -> Tensor:
+    """:func:`patchaug.patch_ops.grayscale` written into ``x``; ``work``: at least
+    ``K * p * p`` elements for the luma."""
+    if x.shape[1] != 3:
+        return x
+    return x.copy_(_gray(x, work).expand_as(x))
+
+
+def posterize_(x: Tensor, bits: Tensor, work: Tensor | None = None) -> Tensor:
+    """:func:`patchaug.patch_ops.posterize` written into ``x`` (Kornia's float arithmetic);
+    ``work``: at least ``x.numel()`` elements."""
+    b = bits.to(device=x.device).reshape(-1)
+    scale = (2 ** (8 - b)).to(x.dtype).reshape(-1, 1, 1, 1)
+    q = torch.mul(x, 255.0, out=_scratch(work, tuple(x.shape), x)).trunc_()
+    q.div_(scale).div_(255.0).mul_(255.0).trunc_().mul_(scale).div_(255.0)
+    q.masked_fill_((b == 0).reshape(-1, 1, 1, 1), 0.0)
+    change = (b != 8).nonzero().squeeze(1)  # 8 bits keep the input bit for bit
+    if change.numel() == x.shape[0]:
+        return x.copy_(q)
+    return x.index_copy_(0, change, q.index_select(0, change))
 
 
 def gaussian_noise_(x: Tensor, std: Tensor, noise: Tensor) -> Tensor:

@@ -313,6 +313,9 @@ class Grayscale(PatchOp):
             return patches
         return kornia.color.rgb_to_grayscale(patches).expand_as(patches)
 
+    def run(self, patches: Tensor, values: Tensor, *, work: Tensor) -> Tensor:  # type: ignore[override]
+        return fast.grayscale_(patches, work)
+
 
 class Solarize(PatchOp):
     """Invert values at or above the threshold (Kornia's ``solarize``).
@@ -365,6 +368,9 @@ class Posterize(PatchOp):
 
     def reference(self, patches: Tensor, values: Tensor, noise: Tensor | None = None) -> Tensor:
         return kornia.enhance.posterize(patches, values.round().long())
+
+    def run(self, patches: Tensor, values: Tensor, *, work: Tensor) -> Tensor:  # type: ignore[override]
+        return fast.posterize_(patches, values.round().long(), work)
 
 
 # ---------------------------------------------------------------------------------------------

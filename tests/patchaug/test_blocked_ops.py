@@ -22,12 +22,15 @@ def test_in_place_operators_write_into_their_input_and_equal_the_formula(
 ) -> None:
     f = _uniform(x, 0.0, 1.5, seed)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    bits = torch.randint(0, 9, (x.shape[0],), generator=torch.Generator().manual_seed(seed))
     cases = [
         (lambda y: fo.brightness_(y, f), po.brightness(x, f)),
         (lambda y: fo.contrast_(y, f), po.contrast(x, f)),
         (lambda y: fo.saturation_(y, f), po.saturation(x, f)),
         (lambda y: fo.solarize_(y, f / 2), po.solarize(x, f / 2)),
         (lambda y: fo.gaussian_noise_(y, f / 10, noise), po.gaussian_noise(x, f / 10, noise)),
+        (lambda y: fo.grayscale_(y), po.grayscale(x)),
+        (lambda y: fo.posterize_(y, bits), po.posterize(x, bits)),
     ]
     if x.shape[-1] >= 3:
         cases.append((lambda y: fo.sharpness_(y, f), po.sharpness(x, f)))
