@@ -9,6 +9,8 @@ import argparse
 
 import kornia.augmentation as K
 import torch
+from PIL import Image
+from torchvision.transforms import v2
 
 from patchaug.patch_ops import patchify
 from patchaug.per_patch import PerPatch
@@ -54,6 +56,18 @@ def main() -> None:
     again, _ = seq(images, boxes, params=seq._params)
     assert torch.equal(again, out_seq)
     print(f"AugmentationSequential: flipped box {boxes_seq[0, 0].tolist()}, replay exact")
+
+    # [torchvision]
+    view = v2.Compose([
+        v2.RandomResizedCrop(224, scale=(0.4, 1.0)),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        PerPatch(K.RandomPlanckianJitter(p=0.5), K.RandomEqualize(p=0.2), patch_size=16),
+    ])
+    photo = Image.fromarray((torch.rand(256, 320, 3) * 255).byte().numpy())
+    x = view(photo)  # a tv_tensors.Image of 3 x 224 x 224
+    # [torchvision]
+    print(f"torchvision v2 on a PIL image: {type(x).__name__} {tuple(x.shape)}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one go: the device tests (tests/device: every
-# CUDA path against the CPU) and the GPU benchmarks. Results land in $OUT (default
-# ./gpu_out); copy the *.json / *.md into benchmarks/results to commit them.
+# The checks that need a CUDA GPU: the device tests (tests/device: every CUDA path against
+# the CPU) and the GPU benchmarks. Results land in $OUT (default ./gpu_out); copy the
+# *.json / *.md into benchmarks/results to commit them.
 #
-#   bash scripts/gpu_checks.sh            # needs torch with CUDA, kornia, timm, pytest
+#   bash scripts/gpu_checks.sh            # everything (needs torch with CUDA, kornia, timm, pytest)
+#   bash scripts/gpu_checks.sh jitter     # only PatchJitter: its device tests and GPU benchmark
+#                                         # (fits one 10-minute call of a lent GPU)
 set -u -o pipefail
+PART=${1:-all}
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -13,15 +16,24 @@ nvidia-smi -L
 $PY -c "import torch, kornia, timm; print('torch', torch.__version__, 'kornia', kornia.__version__,
 'timm', timm.__version__, torch.cuda.get_device_name())" || exit 1
 status=0
-echo "== device tests"
-timeout "${TESTS_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider -x --durations=5 tests/device \
+if [ "$PART" = jitter ]; then
+    tests=tests/device/test_patch_jitter_on_device.py
+else
+    tests=tests/device
+fi
+echo "== device tests ($tests)"
+timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -q -p no:cacheprovider -x --durations=5 "$tests" \
     2>&1 | tee "$OUT/device_tests.log" | tail -25 || status=1
 {
-echo "== training throughput (issue 6)"
-timeout "${THROUGHPUT_TIMEOUT:-300}" $PY benchmarks/bench_gpu_throughput.py --out "$OUT" || status=1
-echo "== PatchJitter (issue 3)"
-timeout 120 $PY benchmarks/bench_patch_jitter.py --gpu-only --out "$OUT" || status=1
-echo "== match_patches (issue 2)"
-timeout 60 $PY benchmarks/bench_matching.py --device cuda --repeat 30 --out "$OUT" || status=1
+if [ "$PART" != jitter ]; then
+    echo "== training throughput (issue 6)"
+    timeout "${THROUGHPUT_TIMEOUT:-300}" $PY benchmarks/bench_gpu_throughput.py --out "$OUT" || status=1
+fi
+echo "== PatchJitter: Triton and torch engines, float32 and bfloat16 (issues 3, 14)"
+timeout 300 $PY benchmarks/bench_patch_jitter.py --gpu-only --out "$OUT" || status=1
+if [ "$PART" != jitter ]; then
+    echo "== match_patches (issue 2)"
+    timeout 60 $PY benchmarks/bench_matching.py --device cuda --repeat 30 --out "$OUT" || status=1
+fi
 } 2>&1 | tee "$OUT/bench.log"
 exit $status
