@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -29,24 +28,25 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from patchaug.patch_jitter import OPERATORS, PatchJitter  # noqa: E402
+from patchaug import operators as O  # noqa: E402
+from patchaug.patch_jitter import PatchJitter  # noqa: E402
 
 OUT = ROOT / "docs" / "_static" / "figures" / "patch_jitter_gallery.png"
 PATCH = 16
 SIZE = 224
 
 # each operator alone, at probability 1, with the range the presets use
-SOLO: dict[str, dict[str, Any]] = {
-    "brightness": dict(brightness=0.4),
-    "contrast": dict(contrast=0.4),
-    "saturation": dict(saturation=0.2),
-    "hue": dict(hue=0.1),
-    "grayscale": dict(),
-    "posterize": dict(posterize_bits=3),
-    "solarize": dict(solarize_threshold=0.5),
-    "sharpness": dict(sharpness=2.0),
-    "blur": dict(blur_sigma=(0.1, 2.0)),
-    "noise": dict(noise_std=(0.0, 0.1)),
+SOLO: dict[str, O.PatchOp] = {
+    "brightness": O.Brightness(0.4),
+    "contrast": O.Contrast(0.4),
+    "saturation": O.Saturation(0.2),
+    "hue": O.Hue(0.1),
+    "grayscale": O.Grayscale(),
+    "posterize": O.Posterize(3),
+    "solarize": O.Solarize(0.5),
+    "sharpness": O.Sharpness(2.0),
+    "blur": O.GaussianBlur((0.1, 2.0)),
+    "noise": O.GaussianNoise((0.0, 0.1)),
 }
 CAPTIONS = {
     "brightness": "brightness x[0.6, 1.4]",
@@ -74,10 +74,7 @@ def photo() -> torch.Tensor:
 
 
 def solo(name: str) -> PatchJitter:
-    kwargs: dict[str, Any] = {f"p_{op}": 0.0 for op in OPERATORS}
-    kwargs.update(SOLO[name])
-    kwargs[f"p_{name}"] = 1.0
-    return PatchJitter(PATCH, **kwargs)
+    return PatchJitter(PATCH, [SOLO[name]])
 
 
 def with_grid(img: torch.Tensor) -> np.ndarray:
@@ -91,7 +88,7 @@ def with_grid(img: torch.Tensor) -> np.ndarray:
 def main() -> None:
     x = photo()
     panels: list[tuple[str, torch.Tensor]] = [("original", x)]
-    for i, name in enumerate(OPERATORS):
+    for i, name in enumerate(SOLO):
         g = torch.Generator().manual_seed(i)
         panels.append((CAPTIONS[name], solo(name)(x, generator=g)))
     g = torch.Generator().manual_seed(100)
