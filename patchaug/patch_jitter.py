@@ -620,13 +620,15 @@ class PatchJitter(IntensityAugmentationBase2D):
         if jp.applied.device != input.device:
             jp = jp.to(input.device)
         work = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        if not self.operators:
+            return input.clone()
+        engine = self._engine(input)
         with torch.no_grad():
-            if not bool(torch.stack([g.any() for g in jp.gates.values()] or
-                                    [torch.tensor(False)]).any()):
-                return input.clone()  # nothing gated: one host sync, no work
-            engine = self._engine(input)
-            if engine == "triton":
+            if engine == "triton":  # one kernel whatever is gated: no host sync to ask
                 return self._apply_triton(input, jp)
+            gated = [g.any() for g in jp.gates.values()]
+            if not gated or not bool(torch.stack(gated).any()):
+                return input.clone()  # nothing gated: one host sync, no work
             if engine == "reference":
                 return apply_reference(input, self.operators, jp)
             return self._blocked(input, self.operators, jp, work)
@@ -659,7 +661,7 @@ class PatchJitter(IntensityAugmentationBase2D):
         from .triton_engine import apply_patch_chain
 
         total = params.applied.numel()
-        zeros = torch.zeros(total, device=x.device)
+        zeros = params.applied.new_zeros(params.applied.shape, dtype=torch.float32)
         values = torch.stack(
             [params.values.get(op.name, zeros).reshape(-1).float() for op in self.operators], 1
         )

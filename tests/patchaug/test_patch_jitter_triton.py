@@ -45,6 +45,12 @@ def test_triton_backend_rounds_the_float32_result_once(dtype: torch.dtype) -> No
     assert bool(((got.float() - want.float()).abs() <= ulp + 1e-5).all())
 
 
+def test_no_operator_and_nothing_gated_give_the_input_back() -> None:
+    x = images(3)
+    assert torch.equal(PatchJitter(8, [], backend="triton")(x), x)
+    assert torch.equal(PatchJitter.paper(8, p_patch=0.0, backend="triton")(x), x)
+
+
 def test_auto_keeps_the_torch_engine_off_cuda_and_for_unknown_operators() -> None:
     x = images(0)
     assert PatchJitter.paper(8)._engine(x) == "torch"
