@@ -301,3 +301,20 @@ def test_same_draws_as_kornia_patch_sequential() -> None:
     grid = (H // P, W // P)
     theirs = K.PatchSequential(*augs(), grid_size=grid, patchwise_apply=False)(x)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_composes_with_patch_jitter_in_one_kornia_pipeline() -> None:
+    from patchaug import PatchJitter
+
+    seq = K.AugmentationSequential(
+        PatchJitter.paper(8),
+        PerPatch(K.RandomPlanckianJitter(p=1.0), patch_size=8),
+        data_keys=["input", "bbox_xyxy"],
+    )
+    x = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[[1.0, 2.0, 10.0, 12.0]], [[0.0, 0.0, 5.0, 5.0]]])
+    out, out_boxes = seq(x, boxes)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    torch.testing.assert_close(out_boxes, boxes)
+    again, _ = seq(x, boxes, params=seq._params)
+    assert torch.equal(again, out)
