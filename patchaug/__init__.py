@@ -1,6 +1,7 @@
 """patchaug: building blocks for patch-wise self-supervised learning.
 
-- :func:`match_patches`: which tokens of two crops show the same source pixels.
+- :func:`match_patches`: which tokens of two crops show the same source pixels;
+  :func:`boxes_from_kornia` gives its boxes and flips for Kornia crop pipelines.
 - :class:`RandomResizedCropWithBox` / :func:`batched_random_resized_crop`: crops
   that report their boxes and flips.
 - :class:`PatchJitter`: per-patch photometric augmentation, a Kornia augmentation (operators in
@@ -17,6 +18,7 @@ from .crops import (
     resized_crop_boxes,
     sample_crop_boxes,
 )
+from .kornia_boxes import boxes_from_kornia
 from .matching import RULES, PatchMatch, match_patches, patch_centres
 from .operators import OPERATORS, PatchOp
 from .patch_jitter import PatchJitter, PatchJitterParams
@@ -36,6 +38,7 @@ __all__ = [
     "PerPatch",
     "RandomResizedCropWithBox",
     "batched_random_resized_crop",
+    "boxes_from_kornia",
     "draw_matches",
     "match_patches",
     "patch_centres",
