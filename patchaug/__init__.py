@@ -2,8 +2,9 @@
 
 - :func:`match_patches`: which tokens of two crops show the same source pixels;
   :func:`boxes_from_kornia` gives its boxes and flips for Kornia crop pipelines.
-- :class:`RandomResizedCropWithBox` / :func:`batched_random_resized_crop`: crops
-  that report their boxes and flips.
+- :class:`RandomResizedCropWithBox` (a torchvision v2 transform) /
+  :func:`batched_random_resized_crop`: crops that report their boxes and flips; the box is a
+  :class:`CropBox` tv_tensor that later v2 flips, crops and resizes keep right.
 - :class:`PatchJitter`: per-patch photometric augmentation, a Kornia augmentation (operators in
   :mod:`patchaug.operators`, functional core in :mod:`patchaug.patch_ops`, a fused Triton
   kernel on CUDA).
@@ -13,6 +14,8 @@
 
 from .crops import (
     BatchedRandomResizedCrop,
+    CropBox,
+    CropFlip,
     RandomResizedCropWithBox,
     batched_random_resized_crop,
     resized_crop_boxes,
@@ -31,6 +34,8 @@ __all__ = [
     "OPERATORS",
     "RULES",
     "BatchedRandomResizedCrop",
+    "CropBox",
+    "CropFlip",
     "PatchJitter",
     "PatchJitterParams",
     "PatchMatch",

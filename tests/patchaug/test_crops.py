@@ -147,7 +147,8 @@ def test_per_image_crop_inside_a_v2_pipeline_keeps_box_and_flag():
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.float32
     assert box.dtype == torch.float32 and box.shape == (4,)
     assert torch.equal(box, box.round()) and 0 <= box[0] < box[2] <= 70
-    assert isinstance(flip, bool)
+    # the flag is a CropFlip (0-d bool tv_tensor), equal to the box's own flag
+    assert flip.shape == () and flip.dtype == torch.bool and bool(flip) == box.flip
 
 
 @pytest.mark.parametrize(
