@@ -30,6 +30,22 @@ Rules
 Token numbering: with ``cls=True`` token 0 is CLS and patch ``(r, c)`` is token
 ``1 + r * cols + c``, row-major in the orientation the network sees (after the
 flip). Pairs are listed row by row, left to right in the source image.
+
+Specification
+-------------
+:func:`match_patches_reference` is the rules for one pair of views written out stage by
+stage (:func:`intersect`, :func:`covered_patches` / :func:`official_patches`,
+:func:`subsample` / :func:`subsample_official` or :func:`centre_partners`,
+:func:`mirror`), in exact rational arithmetic. It is slow and is the specification:
+the tests check that :func:`match_patches` gives exactly its pairs.
+
+Engines
+-------
+:func:`match_patches` computes every sample at once with one of two private engines,
+the same batched algorithm on two array libraries: ``_match_numpy`` (numpy arrays,
+chosen when the boxes are on the CPU or are not tensors: far less dispatch overhead)
+and ``_match_torch`` (torch tensors, every other device). They take the arguments of
+:func:`match_patches` and give bit-identical results; there is no global switch.
 """
 
 from __future__ import annotations
@@ -39,6 +55,8 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -85,9 +103,149 @@ class PatchMatch:
         return list(zip(self.idx_a[keep].tolist(), self.idx_b[keep].tolist()))
 
 
+# --------------------------------------------------------------------------- reference
+#
+# The rules for ONE pair of views, one short function per stage, in plain Python on exact
+# rationals (Fraction): the specification that the batched engines below are tested
+# against (tests/patchaug/test_matching_reference.py). Readable, not fast. On one axis a
+# view of ``n`` patches spans ``[lo, hi)``: patch ``k`` is ``[lo + k w, lo + (k + 1) w)``
+# with ``w = (hi - lo) / n``; indices count in the source image's orientation.
+
+ExactBox = tuple[Fraction, Fraction, Fraction, Fraction]
+
+
+def intersect(box_a: ExactBox, box_b: ExactBox) -> ExactBox | None:
+    """Eq. 1: the intersection ``(x0, y0, x1, y1)`` of two boxes, ``None`` when they do not
+    overlap (boxes that only touch do not)."""
+    x0, y0 = max(box_a[0], box_b[0]), max(box_a[1], box_b[1])
+    x1, y1 = min(box_a[2], box_b[2]), min(box_a[3], box_b[3])
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
+def covered_patches(lo, hi, n: int, i0, i1) -> list[int]:
+    """Rule ``"half"`` (Sec. 3.4): the patches of one axis that ``[i0, i1)`` covers over
+    strictly more than half their width (an exact tie is out)."""
+    w = Fraction(hi - lo) / n
+    return [k for k in range(n) if min(lo + (k + 1) * w, i1) - max(lo + k * w, i0) > w / 2]
+
+
+def official_patches(lo, hi, n: int, i0, i1) -> list[int]:
+    """Rule ``"official"``: the authors' ``start = round(n (i0 - lo) / L)`` and ``length =
+    round(n (i1 - i0) / L)`` in float64 (their order of operations, half to even), the
+    range clamped to the grid."""
+    lo, hi, i0, i1 = float(lo), float(hi), float(i0), float(i1)
+    start = round(n * ((i0 - lo) / (hi - lo)))
+    length = round(n * ((i1 - i0) / (hi - lo)))
+    return list(range(min(start, n), min(start + length, n)))
+
+
+def subsample(selected: list[int], n_small: int) -> list[int]:
+    """Eq. 2 as Fig. 2 applies it: ``n_small`` of the selected patches, item
+    ``floor(i (N_big - 1) / (N_small - 1))`` for slot ``i``, so first and last are kept
+    (the first alone when ``n_small == 1``)."""
+    if n_small == 1:
+        return selected[:1]
+    return [selected[i * (len(selected) - 1) // (n_small - 1)] for i in range(n_small)]
+
+
+def subsample_official(selected: list[int], n_small: int) -> list[int]:
+    """The authors' subsampling, ``floor(numpy.linspace(0, N_big - 1, n_small))``: slot ``i``
+    takes item ``floor(i * step)`` in float64, the last slot the last item."""
+    if n_small == 1:
+        return selected[:1]
+    step = (len(selected) - 1) / (n_small - 1)
+    last = n_small - 1
+    return [selected[math.floor(i * step) if i < last else -1] for i in range(n_small)]
+
+
+def centre_partners(query: list[int], lo_q, hi_q, n_q: int, lo_o, hi_o, n_o: int) -> list[int]:
+    """Rule ``"centre"``: for each patch of the query view, the patch of the other view whose
+    half-open interval holds its centre (a centre on a border goes to the patch after it).
+    The centre of a selected patch lies inside the intersection, so inside the other grid."""
+    w_q, w_o = Fraction(hi_q - lo_q) / n_q, Fraction(hi_o - lo_o) / n_o
+    return [math.floor((lo_q + (k + Fraction(1, 2)) * w_q - lo_o) / w_o) for k in query]
+
+
+def match_axis(lo_a, hi_a, n_a: int, lo_b, hi_b, n_b: int, i0, i1,
+               rule: str) -> tuple[list[int], list[int]]:
+    """Matched patch indices of views a and b on one axis, in source order (equal lengths)."""
+    select = official_patches if rule == "official" else covered_patches
+    sel_a, sel_b = select(lo_a, hi_a, n_a, i0, i1), select(lo_b, hi_b, n_b, i0, i1)
+    if rule == "centre":
+        # query: the view with fewer selected patches; on a tie the finer patches, then a
+        if (len(sel_a), Fraction(hi_a - lo_a) / n_a) <= (len(sel_b), Fraction(hi_b - lo_b) / n_b):
+            return sel_a, centre_partners(sel_a, lo_a, hi_a, n_a, lo_b, hi_b, n_b)
+        return centre_partners(sel_b, lo_b, hi_b, n_b, lo_a, hi_a, n_a), sel_b
+    pick = subsample_official if rule == "official" else subsample
+    n_small = min(len(sel_a), len(sel_b))
+    return pick(sel_a, n_small), pick(sel_b, n_small)
+
+
+def mirror(col: int, cols: int, flip: bool) -> int:
+    """Eq. 6: the column at which a view of ``cols`` columns shows source column ``col``."""
+    return cols - 1 - col if flip else col
+
+
+def token(row: int, col: int, cols: int, flip: bool, cls: bool) -> int:
+    """Token index of source patch ``(row, col)``: row-major as the network sees the view."""
+    return cls + row * cols + mirror(col, cols, flip)
+
+
+def _exact_box(box: object, name: str) -> ExactBox:
+    values = box.tolist() if isinstance(box, torch.Tensor) else list(box)
+    if len(values) != 4 or not all(isinstance(v, numbers.Real) and math.isfinite(v)
+                                   for v in values):
+        raise ValueError(f"{name} must be 4 finite numbers (x0, y0, x1, y1), got {box!r}")
+    x0, y0, x1, y1 = (Fraction(v) for v in values)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"{name} must satisfy x1 > x0 and y1 > y0, got {box!r}")
+    return x0, y0, x1, y1
+
+
+def match_patches_reference(box_a: BoxLike, box_b: BoxLike, grid_a: tuple[int, int] | int,
+                            grid_b: tuple[int, int] | int, flip_a: bool = False,
+                            flip_b: bool = False, rule: str = "half",
+                            cls: bool = True) -> list[tuple[int, int]]:
+    """The specification of :func:`match_patches` for one pair of views: its valid pairs.
+
+    Same arguments as :func:`match_patches`, unbatched (boxes: 4 numbers or a ``(4,)``
+    tensor; flips: bools). Computed stage by stage in exact rational arithmetic: the
+    boxes' intersection (:func:`intersect`), then per axis the patches each view selects,
+    the pairing of the two selections (:func:`match_axis`), and the tokens of every pair
+    of matched rows and columns, row by row (:func:`token`, which mirrors the columns of
+    a flipped view).
+
+    Examples
+    --------
+    >>> match_patches_reference((0, 0, 224, 224), (0, 0, 112, 112), 14, 7)[:3]
+    [(0, 0), (1, 1), (2, 2)]
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    (rows_a, cols_a), (rows_b, cols_b) = _as_grid(grid_a, "grid_a"), _as_grid(grid_b, "grid_b")
+    box_a, box_b = _exact_box(box_a, "box_a"), _exact_box(box_b, "box_b")
+    flip_a, flip_b, cls = bool(flip_a), bool(flip_b), bool(cls)
+    pairs = [(0, 0)] if cls else []
+    inter = intersect(box_a, box_b)
+    if inter is None:
+        return pairs
+    x0, y0, x1, y1 = inter
+    rows = match_axis(box_a[1], box_a[3], rows_a, box_b[1], box_b[3], rows_b, y0, y1, rule)
+    cols = match_axis(box_a[0], box_a[2], cols_a, box_b[0], box_b[2], cols_b, x0, x1, rule)
+    for row_a, row_b in zip(*rows):
+        for col_a, col_b in zip(*cols):
+            pairs.append((token(row_a, col_a, cols_a, flip_a, cls),
+                          token(row_b, col_b, cols_b, flip_b, cls)))
+    return pairs
+
+
 # --------------------------------------------------------------------------- backends
 #
-# The algorithm is written once against a tiny array shim. On CPU the per-line and
+# The batched algorithm is written once against a tiny array shim and run by one of two
+# engines, :func:`_match_numpy` and :func:`_match_torch` (see "Engines" in the module
+# docstring; :func:`match_patches` picks one per call). On CPU the per-line and
 # per-slot stages run on numpy arrays (zero-copy views of the input tensors): an
 # elementwise op on a few thousand numbers costs ~1 us there against ~3-8 us of torch
 # dispatch, and those stages are ~50 such ops. Other devices run the very same code on
@@ -96,10 +254,6 @@ class PatchMatch:
 # int64 arithmetic, in the same order. The last stage (one outer sum and one gather
 # into the padded output, memory-bound) always runs in torch, whose kernels are faster
 # than numpy's there.
-
-#: Run the CPU case on numpy. Tests switch it off to compare with the torch path.
-_NUMPY_ON_CPU = True
-
 
 class _NumpyOps:
     """Array ops of the CPU path, on numpy arrays."""
@@ -390,7 +544,19 @@ def _subsample(i, n_big, n_small, official: bool):
     return xp.floor(value, out=value)
 
 
-def _lines(xp, lo, hi, length, consts, rule: str) -> dict:
+class _Lines(NamedTuple):
+    """Output of :func:`_lines`, numpy arrays or tensors; the last four for ``"centre"`` only."""
+
+    start: Any
+    count: Any
+    n_small: Any
+    query: Any = None
+    step: Any = None
+    offset: Any = None
+    den: Any = None
+
+
+def _lines(xp, lo, hi, length, consts: _GridConsts, rule: str) -> _Lines:
     """What each line selects. ``lo``, ``hi``, ``length = hi - lo``: ``(view, axis, N)``,
     on numpy or torch.
 
@@ -401,41 +567,41 @@ def _lines(xp, lo, hi, length, consts, rule: str) -> dict:
     is kept, exactly one per axis) and ``step``, ``offset``, ``den``: slot ``k`` of a line
     holds patch ``floor((k * step + offset) / den)`` (``start + k`` on the query line).
     """
-    n = consts["n"]
+    n = consts.n
     ends = xp.intersect(lo, hi)
     if rule == "official":
         start, count = _select_official(xp, lo, length, ends, n)
     else:
-        start, count = _select_half(xp, lo, length, ends, n, consts["n2"])
-    out = {"start": start, "count": count, "n_small": xp.minimum(count[0], count[1])}
-    if rule == "centre":
-        # query = line with fewer selected patches; on a tie the finer patches (L / n < L_o / n_o,
-        # compared as L n_o < L_o n), then view a
-        c_o = xp.flip_views(count)
-        scaled = length * consts["n_other"]
-        s_o = xp.flip_views(scaled)
-        query = (count < c_o) | ((count == c_o) & ((scaled < s_o) | ((scaled == s_o) & consts["first"])))
-        # slot k of the other line: the patch under the centre of the query's patch start_o + k,
-        # floor((lo_o + (start_o + k + 0.5) L_o / n_o - lo) n / L), multiplied through by
-        # 2 n_o L: integers for integer boxes, so a centre on a patch border goes exactly to
-        # the patch after it (patches are half-open)
-        l_o = xp.flip_views(length)
-        offset = xp.flip_views(lo) - lo
-        offset *= consts["n2_other"]
-        centre = xp.flip_views(start) * 2
-        centre += 1
-        centre *= l_o
-        offset += centre
-        offset *= n
-        scaled *= 2
-        out.update(query=query, step=xp.where(query, 1.0, l_o * consts["n2"]),
-                   offset=xp.where(query, start, offset), den=xp.where(query, 1.0, scaled))
-    return out
+        start, count = _select_half(xp, lo, length, ends, n, consts.n2)
+    n_small = xp.minimum(count[0], count[1])
+    if rule != "centre":
+        return _Lines(start, count, n_small)
+    # query = line with fewer selected patches; on a tie the finer patches (L / n < L_o / n_o,
+    # compared as L n_o < L_o n), then view a
+    c_o = xp.flip_views(count)
+    scaled = length * consts.n_other
+    s_o = xp.flip_views(scaled)
+    query = (count < c_o) | ((count == c_o) & ((scaled < s_o) | ((scaled == s_o) & consts.first)))
+    # slot k of the other line: the patch under the centre of the query's patch start_o + k,
+    # floor((lo_o + (start_o + k + 0.5) L_o / n_o - lo) n / L), multiplied through by
+    # 2 n_o L: integers for integer boxes, so a centre on a patch border goes exactly to
+    # the patch after it (patches are half-open)
+    l_o = xp.flip_views(length)
+    offset = xp.flip_views(lo) - lo
+    offset *= consts.n2_other
+    centre = xp.flip_views(start) * 2
+    centre += 1
+    centre *= l_o
+    offset += centre
+    offset *= n
+    scaled *= 2
+    return _Lines(start, count, n_small, query=query, step=xp.where(query, 1.0, l_o * consts.n2),
+                  offset=xp.where(query, start, offset), den=xp.where(query, 1.0, scaled))
 
 
-def _slot_tokens(xp, lines: dict, consts, flips, rule: str, cls: bool):
+def _slot_tokens(xp, lines: _Lines, consts: _GridConsts, flips, rule: str, cls: bool):
     """Token parts ``(slot, view, axis, N)`` of each line at slot ``i < k_max``, in the
-    integer dtype of ``consts["mult"]`` (int64 on torch, the smallest that holds every token
+    integer dtype of ``consts.mult`` (int64 on torch, the smallest that holds every token
     on numpy; slots that no output reads may wrap around).
 
     A matched pair of row slot ``r`` and column slot ``c`` of a view is token
@@ -447,38 +613,61 @@ def _slot_tokens(xp, lines: dict, consts, flips, rule: str, cls: bool):
     into the sentinel 0.
     """
     # token part = index * mult + add, per line (int64)
-    mult = consts["mult"] + consts["mult_flip"] * flips  # (view, axis, N)
-    add = consts["add_flip"] * flips
+    mult = consts.mult + consts.mult_flip * flips  # (view, axis, N)
+    add = consts.add_flip * flips
     if cls:
-        add += consts["add_cls"]
-    slots = consts["slots"]  # (k_max + 1, 1, 1, 1)
+        add += consts.add_cls
+    slots = consts.slots  # (k_max + 1, 1, 1, 1)
     if rule != "centre":
         # subsample(slot, count, n_small) of every line, read from its cached table
-        table = consts.get(f"sub_{rule}")
+        table = consts.sub_half if rule == "half" else consts.sub_official
         if table is None:
-            x = xp.to_int(_subsample(slots, lines["count"], lines["n_small"], rule == "official"), mult)
+            x = xp.to_int(_subsample(slots, lines.count, lines.n_small, rule == "official"), mult)
         else:
-            key = xp.to_int(lines["count"] * slots.shape[0] + lines["n_small"])  # (view, axis, N)
+            key = xp.to_int(lines.count * slots.shape[0] + lines.n_small)  # (view, axis, N)
             x = xp.take_columns(table, key)
         x *= mult
-        x += xp.to_int(lines["start"], mult) * mult + add  # index = start + subsample
+        x += xp.to_int(lines.start, mult) * mult + add  # index = start + subsample
         return x
     # the query line keeps its patches; the other line takes the patch under the centre of
     # each, clamped to the grid: (slot, view, axis, N)
-    x = slots * lines["step"]
-    x += lines["offset"]
-    x /= lines["den"]
+    x = slots * lines.step
+    x += lines.offset
+    x /= lines.den
     x = xp.clamp_min(x, 0, out=x)
-    xp.minimum(x, consts["last"], out=x)
+    xp.minimum(x, consts.last, out=x)
     x = xp.to_int(x, mult)  # truncation is the floor here
     x *= mult
     x += add
     return x
 
 
+class _GridConsts(NamedTuple):
+    """Per-grid constants of :func:`_grid_consts`: tensors or read-only numpy arrays, shaped
+    ``(view, axis, 1)`` unless noted (axis 0 = cols, 1 = rows)."""
+
+    n: Any  # patch counts
+    n2: Any  # 2 * n
+    last: Any  # n - 1
+    n_other: Any  # n of the other view
+    n2_other: Any
+    first: Any  # (view, 1, 1) bool: view a
+    slots: Any  # (k_max + 1, 1, 1, 1) slot numbers
+    # token part of index k on each line: k * (mult + mult_flip * flip) + add_flip * flip
+    # + add_cls * cls
+    mult: Any
+    mult_flip: Any
+    add_flip: Any
+    add_cls: Any
+    # subsample(slot, count, n_small) of each rule, (slot, count * (k_max + 1) + n_small),
+    # or None for very large grids
+    sub_half: Any = None
+    sub_official: Any = None
+
+
 @functools.lru_cache(maxsize=64)
 def _grid_consts(cols_a: int, rows_a: int, cols_b: int, rows_b: int, device: torch.device,
-                 dtype: torch.dtype, as_numpy: bool):
+                 dtype: torch.dtype, as_numpy: bool) -> _GridConsts:
     """Per-grid constants, as tensors on ``device`` or numpy arrays."""
     n = torch.tensor([[cols_a, rows_a], [cols_b, rows_b]], device=device, dtype=dtype)[..., None]
     k_max = max(min(rows_a, rows_b), min(cols_a, cols_b))
@@ -519,7 +708,7 @@ def _grid_consts(cols_a: int, rows_a: int, cols_b: int, rows_b: int, device: tor
                 out[k] = out[k].astype(tok)
         for v in out.values():
             v.flags.writeable = False  # shared by every call
-    return out
+    return _GridConsts(**out)
 
 
 #: Largest subsample table (entries) kept per grid pair; larger grids compute the subsample.
@@ -572,7 +761,9 @@ def match_patches(
         ``idx_a``, ``idx_b`` (int64) and ``valid`` (bool) of shape ``(..., M)`` with
         ``M = cls + min(rows_a, rows_b) * min(cols_a, cols_b)``, on the boxes' device.
         Computed without loops over samples and without host-device syncs beyond
-        input validation (on CPU, most of it runs in numpy: same results, less overhead).
+        input validation (for CPU boxes, on the numpy engine: same results, less
+        overhead; see "Engines" in the module docstring). The pairs are exactly those
+        of :func:`match_patches_reference`.
 
     Examples
     --------
@@ -582,6 +773,37 @@ def match_patches(
     >>> int(m.num_valid)
     50
     """
+    engine = _match_numpy if _numpy_eligible(box_a, box_b) else _match_torch
+    return engine(box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule=rule, cls=cls)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def _numpy_eligible(box_a: object, box_b: object) -> bool:
+    """Whether :func:`match_patches` runs on the numpy engine: the boxes' device (that of
+    ``box_a`` if it is a tensor, else of ``box_b``, else none) is the CPU or none."""
+    device = (box_a.device if isinstance(box_a, torch.Tensor)
+              else box_b.device if isinstance(box_b, torch.Tensor) else None)
+    return device is None or device.type == "cpu"
+
+
+def _match_numpy(box_a, box_b, grid_a, grid_b, flip_a=False, flip_b=False, *, rule="half",
+                 cls=True) -> PatchMatch:
+    """:func:`match_patches` on the numpy engine: CPU outputs, whatever the inputs' device."""
+    return _match_batched(_NumpyOps, box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule, cls)
+
+
+def _match_torch(box_a, box_b, grid_a, grid_b, flip_a=False, flip_b=False, *, rule="half",
+                 cls=True) -> PatchMatch:
+    """:func:`match_patches` on the torch engine: outputs on the boxes' device (any device)."""
+    return _match_batched(_TorchOps, box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule, cls)
+
+
+def _match_batched(xp, box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule: str,
+                   cls: bool) -> PatchMatch:
+    """The batched algorithm on the array ops ``xp`` (``_NumpyOps`` or ``_TorchOps``),
+    input validation included, so both engines raise the same errors."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not isinstance(cls, bool):
@@ -589,9 +811,8 @@ def match_patches(
     rows_a, cols_a = _as_grid(grid_a, "grid_a")
     rows_b, cols_b = _as_grid(grid_b, "grid_b")
 
-    device = (box_a.device if isinstance(box_a, torch.Tensor)
+    device = (None if xp is _NumpyOps else box_a.device if isinstance(box_a, torch.Tensor)
               else box_b.device if isinstance(box_b, torch.Tensor) else None)
-    xp = _NumpyOps if _NUMPY_ON_CPU and (device is None or device.type == "cpu") else _TorchOps
     # the values are checked below, at once for both, on their widths
     ba = _as_boxes(box_a, "box_a", device, xp, check=False)
     dev = torch.device("cpu") if xp is _NumpyOps else ba.device
@@ -625,7 +846,7 @@ def match_patches(
             _check_box_values(xp, ba, "box_a")
             _check_box_values(xp, bb, "box_b")
         lines = _lines(xp, lo, hi, length, consts, rule)
-        n_small = lines["n_small"]
+        n_small = lines.n_small
         key = xp.to_int(n_small[1] * (max_cols + 1) + n_small[0])  # n_rows, n_cols
         # (slot, view, axis, N); slot max_rows (max_cols) of the row (column) parts is the
         # sentinel 0 (also when max_rows < k_max)

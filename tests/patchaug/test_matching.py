@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from patchaug import match_patches, patch_centres
+from patchaug.matching import covered_patches, match_patches_reference
 
 SRC = 64  # source image side used by the strategies
 
@@ -36,53 +37,11 @@ def views(draw):
 # --------------------------------------------------------------------------- references
 
 
-def covered(lo, hi, n, i0, i1):
-    """Patches of a view more than half covered by [i0, i1) on one axis (exact, Fractions)."""
-    width = Fraction(hi - lo, n)
-    out = []
-    for k in range(n):
-        p0, p1 = lo + k * width, lo + (k + 1) * width
-        if max(Fraction(0), min(p1, Fraction(i1)) - max(p0, Fraction(i0))) > width / 2:
-            out.append(k)
-    return out
-
-
-def token_pairs(rows_a, rows_b, cols_a, cols_b, ca, cb, flip_a, flip_b):
-    """Token pairs (CLS numbering) of matched rows and columns, row by row; a mirrored view
-    shows column j at cols - 1 - j."""
-    pairs = []
-    for r_a, r_b in zip(rows_a, rows_b):
-        for k_a, k_b in zip(cols_a, cols_b):
-            c_a = ca - 1 - k_a if flip_a else k_a
-            c_b = cb - 1 - k_b if flip_b else k_b
-            pairs.append((1 + r_a * ca + c_a, 1 + r_b * cb + c_b))
-    return pairs
-
-
-def reference_half(box_a, box_b, grid_a, grid_b, flip_a, flip_b):
-    """Straightforward per-pair loop of the paper's rule (Sec. 3.4, Eq. 1-6)."""
-    (ra, ca), (rb, cb) = grid_a, grid_b
-    pairs = [(0, 0)]
-    i0x, i1x = max(box_a[0], box_b[0]), min(box_a[2], box_b[2])
-    i0y, i1y = max(box_a[1], box_b[1]), min(box_a[3], box_b[3])
-    if i1x <= i0x or i1y <= i0y:
-        return pairs
-    rows_a = covered(box_a[1], box_a[3], ra, i0y, i1y)
-    rows_b = covered(box_b[1], box_b[3], rb, i0y, i1y)
-    cols_a = covered(box_a[0], box_a[2], ca, i0x, i1x)
-    cols_b = covered(box_b[0], box_b[2], cb, i0x, i1x)
-
-    def subsample(sel, n_small):
-        if n_small == 1:
-            return [sel[0]]
-        return [sel[(i * (len(sel) - 1)) // (n_small - 1)] for i in range(n_small)]
-
-    nr, nc = min(len(rows_a), len(rows_b)), min(len(cols_a), len(cols_b))
-    if nr == 0 or nc == 0:
-        return pairs
-    rows_a, rows_b = subsample(rows_a, nr), subsample(rows_b, nr)
-    cols_a, cols_b = subsample(cols_a, nc), subsample(cols_b, nc)
-    return pairs + token_pairs(rows_a, rows_b, cols_a, cols_b, ca, cb, flip_a, flip_b)
+# the rules written out (the specification, in patchaug.matching); "official" is also
+# checked against an independent implementation of the authors' arithmetic below
+covered = covered_patches
+reference_half = functools.partial(match_patches_reference, rule="half")
+reference_centre = functools.partial(match_patches_reference, rule="centre")
 
 
 def reference_official(box_a, box_b, grid_a, grid_b, flip_a, flip_b):
@@ -440,35 +399,6 @@ def test_centre_rule_pairs_each_query_patch_with_the_patch_containing_its_centre
     for axis in (0, 1):
         gap = (ca[pa][:, axis] - cb[pb][:, axis]).abs()
         assert bool((gap <= max(wa[axis], wb[axis]) / 2 + 1e-9).all())
-
-
-def reference_centre(box_a, box_b, grid_a, grid_b, flip_a, flip_b):
-    """The centre rule in exact arithmetic (Fractions): per axis, each selected patch of the
-    query (fewer selected; on a tie the finer patches, then view a) is paired with the patch
-    of the other view whose half-open interval holds its centre."""
-    (ra, ca), (rb, cb) = grid_a, grid_b
-    pairs = [(0, 0)]
-    i0x, i1x = max(box_a[0], box_b[0]), min(box_a[2], box_b[2])
-    i0y, i1y = max(box_a[1], box_b[1]), min(box_a[3], box_b[3])
-    if i1x <= i0x or i1y <= i0y:
-        return pairs
-
-    def axis(lo_a, hi_a, n_a, lo_b, hi_b, n_b, i0, i1):
-        sel_a, sel_b = covered(lo_a, hi_a, n_a, i0, i1), covered(lo_b, hi_b, n_b, i0, i1)
-        w_a, w_b = Fraction(hi_a - lo_a, n_a), Fraction(hi_b - lo_b, n_b)
-        n = min(len(sel_a), len(sel_b))
-        a_is_query = (len(sel_a), w_a) <= (len(sel_b), w_b)
-        if a_is_query:
-            q = sel_a[:n]
-            return q, [min(n_b - 1, math.floor((lo_a + (k + Fraction(1, 2)) * w_a - lo_b) / w_b))
-                       for k in q]
-        q = sel_b[:n]
-        return [min(n_a - 1, math.floor((lo_b + (k + Fraction(1, 2)) * w_b - lo_a) / w_a))
-                for k in q], q
-
-    rows_a, rows_b = axis(box_a[1], box_a[3], ra, box_b[1], box_b[3], rb, i0y, i1y)
-    cols_a, cols_b = axis(box_a[0], box_a[2], ca, box_b[0], box_b[2], cb, i0x, i1x)
-    return pairs + token_pairs(rows_a, rows_b, cols_a, cols_b, ca, cb, flip_a, flip_b)
 
 
 @given(views(), views())

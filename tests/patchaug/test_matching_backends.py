@@ -1,14 +1,14 @@
-"""The CPU fast path of :func:`patchaug.match_patches` (numpy) against its torch path.
+"""The numpy engine of :func:`patchaug.match_patches` against its torch engine.
 
-On CPU the per-line and per-slot stages run on numpy arrays; every other device runs
-the same code on torch tensors. ``matching._NUMPY_ON_CPU = False`` forces the torch path
-on CPU, so the two can be compared bit for bit here (the tests of test_matching.py check
-the default path against the references).
+On CPU the per-line and per-slot stages run on numpy arrays (``matching._match_numpy``);
+every other device runs the same code on torch tensors (``matching._match_torch``). Both
+engines take the arguments of ``match_patches`` and can run on CPU, so the two are
+compared bit for bit here (test_matching_reference.py checks both against the
+specification, test_matching.py the public function).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -24,22 +24,9 @@ from patchaug import matching as M
 RULES = ["half", "official", "centre"]
 
 
-@contextlib.contextmanager
-def torch_path():
-    old = M._NUMPY_ON_CPU
-    M._NUMPY_ON_CPU = False
-    try:
-        yield
-    finally:
-        M._NUMPY_ON_CPU = old
-
-
 def both(*args, **kwargs):
-    """(numpy path, torch path) results of the same call."""
-    fast = match_patches(*args, **kwargs)
-    with torch_path():
-        ref = match_patches(*args, **kwargs)
-    return fast, ref
+    """(numpy engine, torch engine) results of the same call."""
+    return M._match_numpy(*args, **kwargs), M._match_torch(*args, **kwargs)
 
 
 def assert_identical(fast, ref):
@@ -50,17 +37,32 @@ def assert_identical(fast, ref):
     assert fast.idx_a.dtype == torch.int64 and fast.valid.dtype == torch.bool
 
 
-def test_the_switch_selects_the_backend(monkeypatch):
+def test_match_patches_runs_the_numpy_engine_for_cpu_boxes(monkeypatch):
     seen = []
-    real = M._lines
+    for name in ("_match_numpy", "_match_torch"):
+        real = getattr(M, name)
 
-    def spy(xp, *args, **kwargs):
-        seen.append(xp)
-        return real(xp, *args, **kwargs)
+        def spy(*args, _name=name, _real=real, **kwargs):
+            seen.append(_name)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(M, "_lines", spy)
-    both((0, 0, 8, 8), (2, 2, 10, 10), 4, 4)
-    assert seen == [M._NumpyOps, M._TorchOps]
+        monkeypatch.setattr(M, name, spy)
+    box = torch.tensor([2.0, 2.0, 10.0, 10.0])
+    for args in (((0, 0, 8, 8), (2, 2, 10, 10)), ((0, 0, 8, 8), box), (box, (0, 0, 8, 8)),
+                 (box, box.to(torch.int64))):
+        seen.clear()
+        m = match_patches(*args, 4, 4, rule="centre", cls=False)
+        assert seen == ["_match_numpy"]
+        assert m.pairs() == M._match_torch(*args, 4, 4, rule="centre", cls=False).pairs()
+    assert M._numpy_eligible((0, 0, 1, 1), box) and M._numpy_eligible(box, (0, 0, 1, 1))
+    assert not M._numpy_eligible(box.to("meta"), (0, 0, 1, 1))
+    assert not M._numpy_eligible((0, 0, 1, 1), box.to("meta"))
+
+
+def test_the_engines_keep_the_device_of_their_arrays():
+    fast, ref = both((0, 0, 8, 8), torch.tensor([2.0, 2.0, 10.0, 10.0]), 4, 4)
+    for m in (fast, ref):
+        assert m.idx_a.device.type == "cpu" and m.valid.dtype == torch.bool
 
 
 # --------------------------------------------------------------------------- random batches
@@ -246,11 +248,14 @@ def test_line_stage_is_the_same_on_numpy_and_torch(rule):
     c_t = M._grid_consts(7, 5, 3, 4, cpu, torch.float64, False)
     got = M._lines(M._NumpyOps, lo.numpy(), hi.numpy(), (hi - lo).numpy(), c_np, rule)
     want = M._lines(M._TorchOps, lo, hi, hi - lo, c_t, rule)
-    assert got.keys() == want.keys()
-    for k in got:
-        np.testing.assert_array_equal(np.asarray(got[k]), want[k].numpy(), err_msg=k)
+    for k in got._fields:
+        g, w = getattr(got, k), getattr(want, k)
+        assert (g is None) == (w is None) == (rule != "centre" and k in ("query", "step", "offset",
+                                                                          "den")), k
+        if w is not None:
+            np.testing.assert_array_equal(np.asarray(g), w.numpy(), err_msg=k)
     if rule == "centre":  # exactly one query line per axis
-        assert bool((want["query"][0] ^ want["query"][1]).all())
+        assert bool((want.query[0] ^ want.query[1]).all())
 
 
 # --------------------------------------------------------------------------- bad input
@@ -277,16 +282,16 @@ def test_line_stage_is_the_same_on_numpy_and_torch(rule):
          ValueError, "broadcastable leading shapes"),
     ],
 )
-@pytest.mark.parametrize("numpy_path", [True, False])
-def test_both_paths_raise_the_same_errors(kwargs, exc, match, numpy_path):
+@pytest.mark.parametrize("engine", ["_match_numpy", "_match_torch", "match_patches"])
+def test_both_engines_raise_the_same_errors(kwargs, exc, match, engine):
     args = {"box_a": (0, 0, 4, 4), "box_b": (0, 0, 4, 4), "grid_a": (2, 2), "grid_b": (2, 2)}
     args.update(kwargs)
-    ctx = contextlib.nullcontext() if numpy_path else torch_path()
-    with ctx, pytest.raises(exc, match=match):
-        match_patches(**args)
+    with pytest.raises(exc, match=match):
+        getattr(M, engine)(**args)
 
 
 def test_cached_numpy_constants_are_read_only():
     consts = M._grid_consts(14, 14, 6, 6, torch.device("cpu"), torch.float64, True)
-    for v in consts.values():
+    assert consts.sub_half is not None and consts.sub_official is not None
+    for v in consts:
         assert isinstance(v, np.ndarray) and not v.flags.writeable
