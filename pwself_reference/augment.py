@@ -9,7 +9,9 @@ Spatial part (random resized crop + horizontal flip), two interchangeable paths:
   collated into a :class:`MultiCropBatch`; items are drawn under the seed
   ``(seed, epoch, index)`` so views do not depend on the number of workers or
   processes. ``same_spatial=True`` shares each view's box and flip across the
-  batch fetched by a worker.
+  batch fetched by a worker. :class:`MatchingCollate` also computes the token
+  matches of every (teacher, student) view pair there (:func:`match_views`), so
+  they arrive with the batch and the training step does not spend time on them.
 - ``batched``: the loader returns whole images (all of one size) and
   :func:`patchaug.batched_random_resized_crop` crops the batch on the device in
   one call per view (``shared=True`` for the paper's shared augmentation).
@@ -27,11 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from patchaug import PatchMatch
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -39,6 +44,7 @@ __all__ = [
     "BatchPhotometric",
     "CropSpec",
     "ImageTensorDataset",
+    "MatchingCollate",
     "MultiCropBatch",
     "MultiCropDataset",
     "ViewAugment",
@@ -46,7 +52,9 @@ __all__ = [
     "collate_images",
     "collate_multicrop",
     "item_seed",
+    "match_views",
     "normalize",
+    "view_grids",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,24 +133,102 @@ class MultiCropSample:
     flips: torch.Tensor
 
 
+Matches = dict[tuple[int, int], "PatchMatch"]
+"""Token matches of view pairs: ``(teacher view i, student view j)`` -> ``(B, M)`` :class:`PatchMatch`."""
+
+
+def _map_matches(matches: Matches | None, fn: Any) -> Matches | None:
+    """``matches`` with ``fn`` applied to every index and mask tensor (``None`` stays ``None``)."""
+    if matches is None:
+        return None
+    return {key: type(m)(fn(m.idx_a), fn(m.idx_b), fn(m.valid)) for key, m in matches.items()}
+
+
 @dataclass
 class MultiCropBatch:
-    """A batch of views: ``views`` (list of ``(B, 3, h, w)``), ``boxes`` ``(V, B, 4)``, ``flips`` ``(V, B)``."""
+    """A batch of views: ``views`` (list of ``(B, 3, h, w)``), ``boxes`` ``(V, B, 4)``, ``flips`` ``(V, B)``.
+
+    ``matches``, when the loader computed them (:class:`MatchingCollate`), holds the
+    token matches of every (teacher, student) view pair, as :func:`match_views` returns
+    them; ``None`` means the training step computes them itself.
+    """
 
     views: list[torch.Tensor]
     boxes: torch.Tensor
     flips: torch.Tensor
+    matches: Matches | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiCropBatch:
-        return MultiCropBatch(
-            [v.to(device, non_blocking=non_blocking) for v in self.views],
-            self.boxes.to(device, non_blocking=non_blocking),
-            self.flips.to(device, non_blocking=non_blocking),
-        )
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return MultiCropBatch([move(v) for v in self.views], move(self.boxes), move(self.flips),
+                              _map_matches(self.matches, move))
 
     def pin_memory(self) -> MultiCropBatch:
+        # the matches too: unpinned, their non_blocking copies in ``to`` would be synchronous
         return MultiCropBatch([v.pin_memory() for v in self.views], self.boxes.pin_memory(),
-                              self.flips.pin_memory())
+                              self.flips.pin_memory(),
+                              _map_matches(self.matches, torch.Tensor.pin_memory))
+
+
+def view_grids(views: Sequence[torch.Tensor], patch_size: int) -> list[tuple[int, int]]:
+    """The ``(rows, cols)`` patch grid of each ``(B, C, h, w)`` view for ``patch_size`` px patches."""
+    return [(v.shape[-2] // patch_size, v.shape[-1] // patch_size) for v in views]
+
+
+def match_views(boxes: torch.Tensor, flips: torch.Tensor, grids: Sequence[tuple[int, int]],
+                n_global: int, rule: str) -> Matches:
+    """Matches between every teacher (global) view ``i`` and student view ``j != i``.
+
+    One batched :func:`patchaug.match_patches` call per teacher view and student
+    grid (views of one size share a call).
+
+    Parameters
+    ----------
+    boxes : torch.Tensor
+        ``(V, B, 4)`` crop boxes ``(x0, y0, x1, y1)`` in source pixels, view by view.
+    flips : torch.Tensor
+        ``(V, B)`` bool, whether each view was mirrored.
+    grids : sequence of (int, int)
+        ``(rows, cols)`` patch grid of each of the ``V`` views (:func:`view_grids`).
+    n_global : int
+        The first ``n_global`` views are the teacher's.
+    rule : str
+        Matching rule of :func:`patchaug.match_patches`.
+
+    Returns
+    -------
+    dict
+        ``{(i, j): PatchMatch}`` for ``i < n_global``, ``j != i``, with ``(B, M)`` tensors on
+        the boxes' device (for CPU boxes, computed by the numpy engine: same results).
+
+    Examples
+    --------
+    >>> boxes = torch.tensor([[[0., 0, 28, 28]], [[0, 0, 14, 14]]])
+    >>> m = match_views(boxes, torch.zeros(2, 1, dtype=torch.bool), [(2, 2), (1, 1)], 1, "half")
+    >>> list(m), tuple(m[(0, 1)].idx_a.shape)
+    ([(0, 1)], (1, 2))
+    """
+    from patchaug import PatchMatch, match_patches
+
+    out: Matches = {}
+    n_views = len(grids)
+    for i in range(n_global):
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j in range(n_views):
+            if j != i:
+                groups.setdefault(tuple(grids[j]), []).append(j)
+        for grid, js in groups.items():
+            idx = torch.tensor(js, device=boxes.device)
+            nb = len(js)
+            m = match_patches(
+                boxes[i].expand(nb, -1, -1), boxes[idx], tuple(grids[i]), grid,
+                flips[i].expand(nb, -1), flips[idx], rule=rule,
+            )
+            for k, j in enumerate(js):
+                out[(i, j)] = PatchMatch(m.idx_a[k], m.idx_b[k], m.valid[k])
+    return out
 
 
 def _to_uint8_tensor(img: Any) -> torch.Tensor:
@@ -250,6 +336,47 @@ def collate_multicrop(samples: Sequence[MultiCropSample]) -> MultiCropBatch:
     boxes = torch.stack([s.boxes for s in samples], dim=1)
     flips = torch.stack([s.flips for s in samples], dim=1)
     return MultiCropBatch(views, boxes, flips)
+
+
+class MatchingCollate:
+    """:func:`collate_multicrop`, then the batch's token matches (:func:`match_views`).
+
+    Used as a data loader's ``collate_fn`` on the ``loader`` crop path, so that the
+    matching runs in the worker processes, overlapped with training, and the
+    matches arrive with the batch (``batch.matches``). A class, not a closure, so
+    that it pickles to workers started by ``spawn`` too.
+
+    Parameters
+    ----------
+    n_global : int
+        Number of global (teacher) views.
+    patch_size : int
+        Patch size of the model in pixels (sets each view's grid).
+    rule : str
+        Matching rule of :func:`patchaug.match_patches`.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> ds = MultiCropDataset([(Image.new("RGB", (28, 28)), 0)] * 2, CropSpec(28, 12, n_local=1))
+    >>> batch = MatchingCollate(2, 4, "half")([ds[0], ds[1]])
+    >>> sorted(batch.matches), tuple(batch.matches[(0, 2)].valid.shape)
+    ([(0, 1), (0, 2), (1, 0), (1, 2)], (2, 10))
+    """
+
+    def __init__(self, n_global: int, patch_size: int, rule: str) -> None:
+        self.n_global, self.patch_size, self.rule = int(n_global), int(patch_size), str(rule)
+
+    def __call__(self, samples: Sequence[MultiCropSample]) -> MultiCropBatch:
+        batch = collate_multicrop(samples)
+        batch.matches = match_views(batch.boxes, batch.flips,
+                                    view_grids(batch.views, self.patch_size), self.n_global,
+                                    self.rule)
+        return batch
+
+    def __repr__(self) -> str:
+        return (f"MatchingCollate(n_global={self.n_global}, patch_size={self.patch_size}, "
+                f"rule={self.rule!r})")
 
 
 class ImageTensorDataset(Dataset):

@@ -44,6 +44,7 @@ from pwself_reference.augment import (  # noqa: E402
     IMAGENET_STD,
     CropSpec,
     ImageTensorDataset,
+    MatchingCollate,
     MultiCropBatch,
     MultiCropDataset,
     ViewAugment,
@@ -51,6 +52,8 @@ from pwself_reference.augment import (  # noqa: E402
     collate_images,
     collate_multicrop,
     item_seed,
+    match_views,
+    view_grids,
 )
 from pwself_reference.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pwself_reference.config import ConfigError, default_threads, parse_args, to_dict  # noqa: E402
@@ -240,29 +243,14 @@ def compute_matches(batch: MultiCropBatch, n_global: int, patch_size: int, rule:
                     ) -> dict[tuple[int, int], Any]:
     """Matches between every teacher (global) view ``i`` and student view ``j != i``.
 
-    One batched :func:`patchaug.match_patches` call per teacher view and student
-    resolution; the result for pair ``(i, j)`` is ``(B, M)``.
+    :func:`pwself_reference.augment.match_views` on the batch's boxes, flips and view
+    grids; the result for pair ``(i, j)`` is ``(B, M)``. The training step calls it only
+    when the batch did not bring its matches (``--crops batched``, where the crops are
+    drawn on the device); on the ``loader`` path :class:`MatchingCollate` computes the
+    same dict in the data-loader workers.
     """
-    from patchaug import PatchMatch, match_patches
-
-    grids = [(v.shape[-2] // patch_size, v.shape[-1] // patch_size) for v in batch.views]
-    out: dict[tuple[int, int], Any] = {}
-    n_views = len(batch.views)
-    for i in range(n_global):
-        groups: dict[tuple[int, int], list[int]] = {}
-        for j in range(n_views):
-            if j != i:
-                groups.setdefault(grids[j], []).append(j)
-        for grid, js in groups.items():
-            idx = torch.tensor(js, device=batch.boxes.device)
-            nb = len(js)
-            m = match_patches(
-                batch.boxes[i].expand(nb, -1, -1), batch.boxes[idx], grids[i], grid,
-                batch.flips[i].expand(nb, -1), batch.flips[idx], rule=rule,
-            )
-            for k, j in enumerate(js):
-                out[(i, j)] = PatchMatch(m.idx_a[k], m.idx_b[k], m.valid[k])
-    return out
+    return match_views(batch.boxes, batch.flips, view_grids(batch.views, patch_size), n_global,
+                       rule)
 
 
 def evaluate_knn(backbone: nn.Module, loaders: tuple[DataLoader, DataLoader], device: torch.device,
@@ -360,8 +348,13 @@ def train_one_epoch(tr: Trainer, epoch: int, start_it: int = 0) -> dict[str, flo
         mb = tr.prepare_batch(batch)
         raw_views = mb.views
         views = tr.view_aug(raw_views)
-        matches = compute_matches(mb, tr.spec.n_global, args.patch_size, args.match_rule) \
-            if patch_level else None
+        matches = None
+        if patch_level:
+            matches = mb.matches
+            if matches is None:  # crops drawn on the device: match here (a profile shows it)
+                with torch.profiler.record_function("match_patches"):
+                    matches = compute_matches(mb, tr.spec.n_global, args.patch_size,
+                                              args.match_rule)
 
         autocast = (torch.autocast(tr.device.type, dtype=tr.amp_dtype)
                     if tr.amp_dtype is not None else contextlib.nullcontext())
@@ -491,7 +484,9 @@ def _main(argv: Sequence[str] | None) -> dict[str, Any]:
                                                      else "batched")
     if crops == "loader":
         train_set: Any = MultiCropDataset(base, spec, args.seed, args.same_spatial_aug)
-        collate = collate_multicrop
+        # match the views where they are drawn: in the workers, off the training step
+        collate: Any = (MatchingCollate(spec.n_global, args.patch_size, args.match_rule)
+                        if args.loss != "dino" else collate_multicrop)
     else:
         train_set = ImageTensorDataset(base)
         collate = collate_images

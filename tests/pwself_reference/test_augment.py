@@ -1,11 +1,21 @@
-"""``ViewAugment``: the patch jitter runs once per view size, on every view."""
+"""``ViewAugment``: the patch jitter runs once per view size, on every view; the token
+matches computed at collate time (``MatchingCollate``) are those of every view pair."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from patchaug import PatchJitter
-from pwself_reference.augment import ViewAugment
+from patchaug import PatchJitter, match_patches
+from pwself_reference.augment import (
+    MatchingCollate,
+    MultiCropBatch,
+    ViewAugment,
+    collate_multicrop,
+    match_views,
+    view_grids,
+)
 
 
 class _Recorder:
@@ -54,3 +64,79 @@ def test_patch_jitter_with_p_zero_changes_nothing():
     torch.manual_seed(3)
     b = ViewAugment(2, 4)(views)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- loader-side matching
+def _multicrop_dataset(n: int = 6, same_spatial: bool = False):
+    """Random RGB images of a few sizes, two 32 px global and three 16 px local views each."""
+    from PIL import Image
+
+    from pwself_reference.augment import CropSpec, MultiCropDataset
+
+    rng = np.random.default_rng(0)
+    sizes = [(40, 40), (48, 36), (33, 57)]
+    base = [(Image.fromarray(rng.integers(0, 256, (*sizes[k % 3], 3), dtype=np.uint8)), 0)
+            for k in range(n)]
+    return MultiCropDataset(base, CropSpec(32, 16, n_global=2, n_local=3), seed=3,
+                            same_spatial=same_spatial)
+
+
+@pytest.mark.parametrize("rule", ["half", "official", "centre"])
+def test_collated_matches_are_those_of_each_pair(rule):
+    """Every row of the batched, grouped matching is the single-pair ``match_patches`` result."""
+    ds = _multicrop_dataset()
+    batch = MatchingCollate(2, 8, rule)([ds[k] for k in range(len(ds))])
+    grids = [(4, 4)] * 2 + [(2, 2)] * 3
+    assert sorted(batch.matches) == [(i, j) for i in range(2) for j in range(5) if j != i]
+    # not a vacuous comparison: some pairs match patches beyond the CLS pair
+    assert max(int(m.num_valid.max()) for m in batch.matches.values()) > 1
+    for (i, j), m in batch.matches.items():
+        assert m.idx_a.shape == m.idx_b.shape == m.valid.shape == (6, 1 + 4 * (4 if j < 2 else 1))
+        assert m.idx_a.dtype == m.idx_b.dtype == torch.int64 and m.valid.dtype == torch.bool
+        for b in range(6):
+            one = match_patches(batch.boxes[i, b], batch.boxes[j, b], grids[i], grids[j],
+                                batch.flips[i, b], batch.flips[j, b], rule=rule)
+            assert torch.equal(m.idx_a[b], one.idx_a) and torch.equal(m.idx_b[b], one.idx_b)
+            assert torch.equal(m.valid[b], one.valid)
+
+
+def test_plain_collate_brings_no_matches():
+    ds = _multicrop_dataset(2)
+    assert collate_multicrop([ds[0], ds[1]]).matches is None
+
+
+def test_to_moves_the_matches():
+    ds = _multicrop_dataset(2)
+    batch = MatchingCollate(2, 8, "half")([ds[0], ds[1]])
+    moved = batch.to("meta", non_blocking=True)
+    assert moved.matches is not None and sorted(moved.matches) == sorted(batch.matches)
+    for m in moved.matches.values():
+        assert all(t.device.type == "meta" for t in (m.idx_a, m.idx_b, m.valid))
+    assert batch.to("cpu").matches[(0, 1)].idx_a.equal(batch.matches[(0, 1)].idx_a)
+    assert collate_multicrop([ds[0], ds[1]]).to("meta").matches is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pin_memory_pins_the_matches():
+    ds = _multicrop_dataset(2)
+    pinned = MatchingCollate(2, 8, "half")([ds[0], ds[1]]).pin_memory()
+    assert all(t.is_pinned() for m in pinned.matches.values() for t in (m.idx_a, m.idx_b, m.valid))
+
+
+@pytest.mark.parametrize("num_workers, same_spatial", [(0, False), (1, True)])
+def test_data_loader_batches_carry_their_matches(num_workers, same_spatial):
+    from torch.utils.data import DataLoader
+
+    ds = _multicrop_dataset(8, same_spatial)
+    loader = DataLoader(ds, batch_size=4, num_workers=num_workers,
+                        collate_fn=MatchingCollate(2, 8, "centre"))
+    batches = list(loader)
+    assert len(batches) == 2
+    for batch in batches:
+        assert isinstance(batch, MultiCropBatch) and batch.matches is not None
+        want = match_views(batch.boxes, batch.flips, view_grids(batch.views, 8), 2, "centre")
+        assert list(batch.matches) == list(want)
+        for key, m in want.items():
+            got = batch.matches[key]
+            assert all(torch.equal(a, b) for a, b in zip((got.idx_a, got.idx_b, got.valid),
+                                                         (m.idx_a, m.idx_b, m.valid)))

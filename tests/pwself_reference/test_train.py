@@ -202,3 +202,63 @@ def test_main_leaves_subnormal_floats_representable(tmp_path):
     train_mod.main([*TINY, "--output-dir", str(tmp_path / "run")])
     assert (tiny * 1.0).item() != 0.0
     assert sys.float_info.min * 0.5 != 0.0  # Python floats too (hypothesis relies on it)
+
+
+# ----------------------------------------------------------------------------- matching in the loader
+@pytest.mark.parametrize("rule", ["half", "centre"])
+def test_loader_matches_equal_the_step_matches(rule):
+    """``MatchingCollate``'s matches are bit for bit those the step computes (same pairs, same dict)."""
+    from PIL import Image
+
+    from pwself_reference.augment import MatchingCollate, MultiCropDataset, collate_multicrop
+
+    g = torch.Generator().manual_seed(0)
+    base = [(Image.fromarray((torch.rand(36 + 4 * k, 40, 3, generator=g) * 255).byte().numpy()), 0)
+            for k in range(5)]
+    ds = MultiCropDataset(base, CropSpec(28, 12, n_global=2, n_local=3), seed=1)
+    samples = [ds[k] for k in range(len(ds))]
+    loader_side = MatchingCollate(2, 4, rule)(samples).matches
+    step_side = train_mod.compute_matches(collate_multicrop(samples), 2, 4, rule)
+    assert list(loader_side) == list(step_side)
+    for key, want in step_side.items():
+        got = loader_side[key]
+        for a, b in zip((got.idx_a, got.idx_b, got.valid), (want.idx_a, want.idx_b, want.valid)):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_loader_path_trains_on_the_loader_matches(tmp_path, monkeypatch):
+    """On ``--crops loader`` the step does not match; the run equals one matching in the step."""
+    from pwself_reference import augment
+
+    extra = ["--crops", "loader", "--loss", "mean", "--match-rule", "centre", "--num-workers", "1"]
+    step_calls: list[int] = []
+    real = train_mod.compute_matches
+
+    def counted(*a, **k):
+        step_calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "compute_matches", counted)
+    loader_run = _run(tmp_path, "loader", *extra)
+    assert step_calls == []
+    # the same run with plain collation: the step computes the matches itself (the fallback)
+    monkeypatch.setattr(train_mod, "MatchingCollate",
+                        lambda *a, **k: augment.collate_multicrop)
+    step_run = _run(tmp_path, "step", *extra)
+    assert len(step_calls) == 4
+    a, b = load_checkpoint(loader_run / "final.pth"), load_checkpoint(step_run / "final.pth")
+    for which in ("student", "teacher"):
+        for k, v in a[which].items():
+            assert torch.equal(v, b[which][k]), (which, k)
+
+
+def test_profile_shows_step_matching_only_without_loader_matches(tmp_path):
+    """The step's fallback matching runs in a "match_patches" profiler range."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names = {}
+    for crops in ("batched", "loader"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _run(tmp_path, crops, "--crops", crops, "--loss", "mean", "--train-subset", "32")
+        names[crops] = {e.key for e in prof.key_averages()}
+    assert "match_patches" in names["batched"] and "match_patches" not in names["loader"]
