@@ -240,13 +240,20 @@ def test_hue_is_periodic_in_whole_turns(x: torch.Tensor, seed: int, turns: int) 
     torch.testing.assert_close(po.hue(x, f + turns), ref, atol=TOL, rtol=0)
 
 
+def _fast_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    from patchaug import blocked_ops as fo
+
+    return fo.hue_with_offsets(x.clone(), fo.hue_offsets(f, x))
+
+
+@pytest.mark.parametrize("hue", [po.hue, _fast_hue], ids=["formula", "blocked_ops"])
 @given(x=rgb_batches, seed=st.integers(0, 1000), tiny=st.booleans())
 def test_hue_keeps_each_pixel_between_its_min_and_max(
-    x: torch.Tensor, seed: int, tiny: bool
+    hue, x: torch.Tensor, seed: int, tiny: bool
 ) -> None:
     if tiny:  # minima far below the maxima: the rounding-sensitive case for the lower bound
         x = x * torch.tensor([1.0, 1e-3, 1e-7]).view(1, 3, 1, 1)
-    y = po.hue(x, _uniform(x, -0.5, 0.5, seed))
+    y = hue(x, _uniform(x, -0.5, 0.5, seed))
     assert bool((y >= 0).all()) and bool((y <= x.amax(dim=1, keepdim=True)).all())  # exact
     assert bool((y >= x.amin(dim=1, keepdim=True) - 1e-7).all())  # up to rounding
 
