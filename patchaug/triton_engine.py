@@ -271,7 +271,10 @@ def _apply(code: tl.constexpr, x0, x1, x2, v, row, noise_ptr, noise_row_ptr,
             x2 = _sharpness(x2, v, P, BLOCK)
     elif code == 8:
         a_h = _blur_matrix(v, KH, P, BLOCK)
-        a_w = _blur_matrix(v, KW, P, BLOCK)
+        if KW == KH:  # a square kernel (the paper's preset): one matrix serves both axes
+            a_w = a_h
+        else:
+            a_w = _blur_matrix(v, KW, P, BLOCK)
         x0 = _blur(x0, a_h, a_w, KH, KW)
         if C == 3:
             x1 = _blur(x1, a_h, a_w, KH, KW)
