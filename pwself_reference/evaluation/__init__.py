@@ -3,7 +3,9 @@
 * :func:`knn_classify`: weighted k-NN classification on frozen features;
 * :func:`train_linear_classifier` / :func:`linear_probe`: linear evaluation;
 * :func:`evaluate_copy_detection`: Copydays "strong" copy detection;
-* :func:`compute_map` / :func:`evaluate_retrieval`: revisited Oxford/Paris retrieval.
+* :func:`compute_map` / :func:`evaluate_retrieval`: revisited Oxford/Paris retrieval;
+* :func:`correspondence_recall`: do patch tokens find their geometric match in another
+  view (with the :class:`PositionOnly` baseline)?
 
 The command-line front end is ``python -m pwself_reference.eval {knn,linear,copydays,retrieval}``.
 """
@@ -15,6 +17,11 @@ from pwself_reference.evaluation.copy_detection import (
     evaluate_copy_detection,
     list_images,
     score_copy_detection,
+)
+from pwself_reference.evaluation.correspondence import (
+    PositionOnly,
+    correspondence_recall,
+    token_match_hits,
 )
 from pwself_reference.evaluation.features import (
     IMAGENET_MEAN,
@@ -50,11 +57,13 @@ __all__ = [
     "IMAGENET_STD",
     "ImageListDataset",
     "LinearClassifier",
+    "PositionOnly",
     "RevisitedDataset",
     "Whitening",
     "average_precision",
     "backbone_features",
     "compute_map",
+    "correspondence_recall",
     "crop_to_patch_multiple",
     "eval_transform",
     "evaluate_copy_detection",
@@ -70,5 +79,6 @@ __all__ = [
     "load_gnd",
     "retrieval_ranks",
     "score_copy_detection",
+    "token_match_hits",
     "train_linear_classifier",
 ]
