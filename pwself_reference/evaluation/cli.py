@@ -1,9 +1,10 @@
-"""Command line: ``python -m pwself_reference.eval {knn,linear,copydays,retrieval} ...``.
+"""Command line: ``python -m pwself_reference.eval {knn,linear,copydays,retrieval,correspondence}``.
 
 Every subcommand loads the backbone of a training checkpoint (teacher by
 default, ``--which student`` otherwise) with ``torch.load(weights_only=True)``,
-runs one of DINO's protocols, prints its numbers and writes them as JSON to
-``--output`` (default: ``eval_<protocol>.json`` next to the checkpoint).
+runs one protocol (one of DINO's, or the patch-token correspondence), prints its
+numbers and writes them as JSON to ``--output`` (default: ``eval_<protocol>.json``
+next to the checkpoint).
 """
 
 from __future__ import annotations
@@ -115,6 +116,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="average CLS over scales 1, 1/sqrt(2), 1/2")
     rt.add_argument("--crop-queries", action="store_true",
                     help="crop queries to their bounding box (revisitop); DINO uses full images")
+    co = sub.add_parser("correspondence",
+                        help="do patch tokens find their geometric match in another view?")
+    _common(co)
+    co.add_argument("--dataset", default=None,
+                    help="dataset name as for knn (default: the checkpoint's training dataset); "
+                         "its test/val split is read, labels unused")
+    co.add_argument("--data-path", default=None, help="dataset root (default: the checkpoint's)")
+    co.add_argument("--image-dir", type=Path, default=None,
+                    help="instead of --dataset: every image directly inside this directory "
+                         "(unlabelled)")
+    co.add_argument("--split", choices=("test", "train"), default="test",
+                    help="dataset split (imagefolder: val/ or train/)")
+    co.add_argument("--max-images", type=_positive_int, default=1000,
+                    help="evaluate this many images, evenly spaced over the split")
+    co.add_argument("--source-size", type=_positive_int, default=None,
+                    help="images are resized (short side) and centre-cropped to this before the "
+                         "views are cut (default: the checkpoint's global_crop_size)")
+    co.add_argument("--global-size", type=_positive_int, default=None,
+                    help="global view side (default: the checkpoint's global_crop_size)")
+    co.add_argument("--local-size", type=int, default=None,
+                    help="local view side (default: the checkpoint's local_crop_size; 0 skips "
+                         "the global-local pairs)")
+    co.add_argument("--global-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="global crop area range (default: the checkpoint's)")
+    co.add_argument("--local-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="local crop area range (default: the checkpoint's)")
+    co.add_argument("--rule", choices=("centre", "half", "official"), default="centre",
+                    help="patchaug.match_patches rule of the ground truth")
+    co.add_argument("--foreground-std", type=float, default=0.1,
+                    help="foreground query tokens: patch pixel std (normalised input) above this")
+    co.add_argument("--seed", type=int, default=0, help="seed of the crops and flips")
+    co.add_argument("--batch-size", type=_positive_int, default=256)
     return parser
 
 
@@ -307,8 +340,79 @@ def _run_retrieval(args, device) -> dict[str, Any]:
             "results": out}
 
 
+class _ImageDir(torch.utils.data.Dataset):
+    """Unlabelled images directly inside a directory, through ``transform`` (label: index)."""
+
+    def __init__(self, directory: Path, transform: Any) -> None:
+        from pwself_reference.evaluation.copy_detection import list_images
+
+        self.paths = list_images(directory)
+        if not self.paths:
+            raise FileNotFoundError(f"image_dir: no images in {directory}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB")), i
+
+
+def _run_correspondence(args, device) -> dict[str, Any]:
+    import numpy as np
+
+    from pwself_reference.data import build_labelled_dataset
+    from pwself_reference.evaluation.correspondence import PositionOnly, correspondence_recall
+    from pwself_reference.evaluation.features import eval_transform
+
+    backbone, config = _load(args, device)
+    size = args.global_size or config.get("global_crop_size")
+    local = args.local_size if args.local_size is not None else config.get("local_crop_size")
+    source = args.source_size or config.get("global_crop_size") or size
+    if not isinstance(size, int) or not isinstance(source, int):
+        raise ValueError("global_size: give --global-size and --source-size (the checkpoint has "
+                         "no global_crop_size)")
+    transform = eval_transform(source, 1.0)
+    if args.image_dir is not None:
+        dataset, name = _ImageDir(args.image_dir, transform), str(args.image_dir)
+    else:
+        name = args.dataset or config.get("dataset") or "fashion-mnist-mini"
+        root = args.data_path if args.data_path is not None else config.get("data_path")
+        dataset = build_labelled_dataset(name, root, args.split == "train", transform)
+    n = min(args.max_images, len(dataset))
+    # evenly spaced over the split: every class of a class-sorted split takes part
+    subset = torch.utils.data.Subset(dataset, np.linspace(0, len(dataset) - 1, n).round()
+                                     .astype(int).tolist())
+    kw = dict(global_size=size, local_size=local or None,
+              global_scale=tuple(args.global_scale or config.get("global_crops_scale", (0.4, 1.0))),
+              local_scale=tuple(args.local_scale or config.get("local_crops_scale", (0.1, 0.4))),
+              rule=args.rule, foreground_std=args.foreground_std, seed=args.seed, device=device)
+    results = {}
+    for label, model in (("backbone", backbone), ("position_only", PositionOnly(backbone))):
+        loader = _loader(subset, args.batch_size, args.num_workers, device)
+        results[label] = correspondence_recall(model, loader, **kw)
+    settings = {"dataset": name, "split": args.split, "n_images": n, "source_size": source,
+                **results["backbone"]["settings"]}
+    print(f"{'group':<14} {'tokens':>7}  {'recall@1':>8} {'pos-only':>8} {'chance':>7}  "
+          f"{'within1':>8} {'pos-only':>8} {'chance':>7}")
+    for sel in ("all", "foreground") if args.foreground_std is not None else ("all",):
+        for grp, r in results["backbone"][sel].items():
+            p = results["position_only"][sel][grp]
+            if not r["tokens"]:
+                continue
+            print(f"{sel[:2]}:{grp:<11} {r['tokens']:>7}  {r['recall_at_1']:>8.2f} "
+                  f"{p['recall_at_1']:>8.2f} {r['chance_at_1']:>7.2f}  {r['recall_within_1']:>8.2f} "
+                  f"{p['recall_within_1']:>8.2f} {r['chance_within_1']:>7.2f}")
+    for r in results.values():
+        r.pop("settings")
+    return {"settings": settings, "results": results}
+
+
 _RUNNERS = {"knn": _run_knn, "linear": _run_linear, "copydays": _run_copydays,
-            "retrieval": _run_retrieval}
+            "retrieval": _run_retrieval, "correspondence": _run_correspondence}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,9 +31,9 @@ For a query token ``a`` (view A) with match ``b`` (view B, ``R x C`` patch grid)
 ``rule="centre"`` (default) pairs each patch with the one containing its centre, so
 a match is within half a patch of its partner on each axis; ``"half"`` is the
 paper's pairing (up to about one patch apart). Foreground (optional): a query
-token counts when the pixels of its patch in view A, all channels, exactly as fed
-to the network, have a standard deviation above ``foreground_std`` (on the
-bundled Fashion-MNIST the black background has standard deviation 0).
+token counts when the pixels of its patch in view A, exactly as fed to the
+network, have a standard deviation (per channel, averaged over channels) above
+``foreground_std``; on the bundled Fashion-MNIST the black background has 0.
 
 Baselines for reading a figure: the chance levels above, and
 :class:`PositionOnly`, a "network" whose tokens are the backbone's position
@@ -190,10 +190,12 @@ def token_match_hits(
 
 
 def _patch_std(view: torch.Tensor, patch: int) -> torch.Tensor:
-    """``(B, N)`` standard deviation of each patch's pixels (all channels)."""
+    """``(B, N)`` per-channel standard deviation of each patch's pixels, averaged over
+    channels (per channel, so that a blank patch scores 0 after per-channel normalisation)."""
     b, ch, h, w = view.shape
     p = view.reshape(b, ch, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return p.reshape(b, (h // patch) * (w // patch), -1).float().std(-1, unbiased=False)
+    p = p.reshape(b, (h // patch) * (w // patch), ch, patch * patch).float()
+    return p.std(-1, unbiased=False).mean(-1)
 
 
 class _Tally:
@@ -313,7 +315,7 @@ def correspondence_recall(
         Matching rule of :func:`patchaug.match_patches`.
     foreground_std : float or None
         If given, also report the groups on foreground query tokens only (patch pixel
-        standard deviation above this value).
+        standard deviation per channel, averaged over channels, above this value).
     patch_size : int, optional
         Patch size; by default the model's ``patch_embed.patch_size`` / ``patch_size``.
     seed : int
