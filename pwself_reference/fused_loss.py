@@ -1,0 +1,564 @@
+"""The DINO head's last layer and the PW-Self loss fused, one chunk of tokens at a time.
+
+:class:`~pwself_reference.losses.PWSelfLoss` takes the head outputs, one row of
+``K`` (out_dim) logits per token, so the step holds several ``(tokens, K)``
+tensors: the logits, the teacher probabilities, the student log-probabilities
+and their gradient. Here the loss starts one layer earlier, from the
+L2-normalised bottleneck features ``x`` (``(tokens, D)``, ``D`` = 256) and the
+weight-normalised last layer ``W = g * v / ||v||`` (``(K, D)``), and no
+``(tokens, K)`` tensor is ever made.
+
+Dimension legend: ``N_s`` / ``N_t`` student / teacher rows (tokens of every
+view, stacked), ``D`` bottleneck width, ``K`` out_dim, ``C`` centre rows (1 for
+the global centre, the teacher tokens per view for the per-token centre), ``P``
+matched pairs.
+
+The loss, for the matched pairs ``p = (s_p, t_p, w_p)``, is
+
+    L = -sum_p w_p * sum_k softmax((x_t W_t^T - c_t) / tau_t)_k * log_softmax(x_s W_s^T / tau_s)_k
+
+(``t = t_p``, ``s = s_p``, ``c_t`` the centre row of teacher row ``t``). Every
+reduction of :mod:`pwself_reference.losses` (dino, mean, sum, lambda) is a choice
+of the weights ``w_p``; :func:`matched_pairs` builds them from the matches as
+``PWSelfLoss`` does. With ``Q = A P`` (``A`` the ``(N_s, N_t)`` matrix of the
+weights, ``P`` the teacher probabilities) and ``c`` the row sums of ``A``, the
+gradient to the student logits is ``G = (c * softmax(x_s W_s^T / tau_s) - Q) /
+tau_s``, so
+
+    dL/dx_s = G W_s,        dL/dW_s = G^T x_s.
+
+How it is computed (:class:`FusedHeadLoss`): the student rows that take part in a
+pair are cut into chunks of at most ``chunk_size`` rows, whole images together
+where they fit (a pair never links two images, so the teacher rows a chunk needs
+are those of its images: each teacher row is computed about once). For every
+chunk, the teacher probabilities of its teacher rows (in pieces of at most
+``chunk_size`` rows) are formed and multiplied into the chunk's targets ``Q``;
+then the chunk's student logits, their log-sum-exp, the loss and ``G``; then
+``G W_s`` and ``G^T x_s`` are added to the gradients. Everything of size ``K``
+is a ``(chunk_size, K)`` buffer allocated once and reused, so the memory the loss
+needs is
+
+    3 * chunk_size * K * 4 bytes   (targets, teacher probabilities, student logits)
+    + K * D * 4 bytes              (the weight gradient)
+    [+ chunk_size * K * 2 bytes for bfloat16 inputs, the low-precision logits]
+
+plus ``(tokens, D)`` index-sized tensors. The gradient is computed in the forward
+pass (as ``PWSelfLoss`` does), so the backward pass saves only ``dL/dx_s``
+(``(N_s, D)``) and ``dL/dW_s`` (``(K, D)``). Student rows without a pair get a
+zero gradient and no logits at all. The centre statistic, the sum of the teacher
+logits of every teacher row per centre row, is ``(sum of x_t per centre row)
+W_t^T`` (the logits are linear in ``x_t``): a ``(C, D) x (D, K)`` product, not a
+pass over every teacher logit (:func:`center_statistic`).
+
+The arithmetic runs in float32 with autocast disabled; for bfloat16 inputs (or
+under bfloat16 autocast) the three matrix products run in bfloat16 and the rest
+in float32, as the unfused head under autocast followed by ``PWSelfLoss`` does.
+
+The readable version of the same loss, every logit at once, is
+:func:`reference_head_loss`; the tests check the fused one against it and
+against ``PWSelfLoss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pwself_reference.losses import pair_weights
+
+__all__ = [
+    "LAST_LAYER_LABEL", "FUSED_LOSS_LABEL", "PairIndex", "matched_pairs", "head_bottleneck",
+    "last_layer_weight", "center_statistic", "reference_head_loss", "FusedHeadLoss",
+    "fused_head_loss", "fused_memory_bytes", "DEFAULT_CHUNK_VALUES",
+]
+
+#: torch.profiler label of the last layer's matrix products inside the fused loss (the work
+#: the head's last layer does in the unfused step); the rest of the fused loss is the loss
+LAST_LAYER_LABEL = "FusedHeadLoss.last_layer"
+#: torch.profiler label of the whole fused loss (forward, which computes the gradient too)
+FUSED_LOSS_LABEL = "FusedHeadLoss"
+#: float32 values per ``(chunk, K)`` buffer by default: 2**25 (128 MiB), i.e. 512 rows at
+#: K = 65536 and every row at K = 1000 up to 33554 rows
+DEFAULT_CHUNK_VALUES = 1 << 25
+
+
+@dataclass(frozen=True)
+class PairIndex:
+    """Matched pairs in explicit form: ``weight[p]`` times the cross-entropy between
+    teacher row ``teacher[p]`` and student row ``student[p]`` enters the loss.
+
+    Attributes
+    ----------
+    student, teacher : torch.Tensor
+        ``(P,)`` int64 row indices into the stacked student / teacher rows.
+    weight : torch.Tensor
+        ``(P,)`` float32 weights.
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    weight: torch.Tensor
+
+
+def head_bottleneck(head: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The DINO head up to its last layer: ``x / ||x||`` of the MLP output, ``(..., D)``.
+
+    ``head(tokens) == head_bottleneck(head, tokens) @ last_layer_weight(head).T`` (the
+    same operations as :meth:`~pwself_reference.models.DINOHead.forward`).
+    """
+    return F.normalize(head.mlp(tokens), dim=-1, eps=1e-6)
+
+
+def last_layer_weight(head: nn.Module) -> torch.Tensor:
+    """The weight-normalised last layer ``g * v / ||v||`` of a DINO head, ``(K, D)``.
+
+    Differentiable in ``v`` and, when it trains (``norm_last_layer=False``), in ``g``.
+    """
+    return head.last_g * F.normalize(head.last_v, dim=-1)
+
+
+def center_statistic(teacher_features: torch.Tensor, teacher_weight: torch.Tensor,
+                     center_index: torch.Tensor | None, n_center: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the teacher logits ``x_t W_t^T`` over the rows of every centre row.
+
+    Parameters
+    ----------
+    teacher_features : torch.Tensor
+        ``(N_t, D)`` teacher bottleneck features.
+    teacher_weight : torch.Tensor
+        ``(K, D)`` teacher last layer.
+    center_index : torch.Tensor or None
+        ``(N_t,)`` int64 centre row of every teacher row; None: all rows, one centre.
+    n_center : int
+        Number of centre rows ``C``.
+
+    Returns
+    -------
+    sums : torch.Tensor
+        ``(C, K)`` float32 sums of the logits (computed as ``(sum of x_t) W_t^T``).
+    counts : torch.Tensor
+        ``(C,)`` float32 number of teacher rows per centre row.
+    """
+    x = teacher_features.detach().float()
+    if center_index is None:
+        feat_sum = x.sum(0, keepdim=True)
+        counts = torch.full((1,), float(x.shape[0]), device=x.device)
+        if n_center != 1:
+            raise ValueError(f"center_index=None needs n_center=1, got {n_center}")
+    else:
+        feat_sum = torch.zeros(n_center, x.shape[1], device=x.device)
+        feat_sum.index_add_(0, center_index, x)
+        counts = torch.zeros(n_center, device=x.device)
+        counts.index_add_(0, center_index, torch.ones_like(center_index, dtype=torch.float32))
+    with torch.autocast(x.device.type, enabled=False):
+        return feat_sum @ teacher_weight.detach().float().t(), counts
+
+
+def matched_pairs(
+    matches: Mapping[tuple[int, int], object] | None,
+    loss: str,
+    lam: float,
+    batch: int,
+    teacher_tokens: Sequence[int],
+    student_tokens: Sequence[int],
+    device: torch.device | str = "cpu",
+) -> PairIndex:
+    """The pairs and weights of :class:`~pwself_reference.losses.PWSelfLoss`, explicit.
+
+    Rows are stacked as :class:`~pwself_reference.network.MultiCropNetwork` stacks its
+    head input: view after view, image after image, token after token; the teacher's
+    global views are the first student views.
+
+    Parameters
+    ----------
+    matches : mapping or None
+        ``matches[(i, j)]`` holds ``idx_a`` (teacher view ``i``), ``idx_b`` (student view
+        ``j``) and ``valid``, all ``(B, M)``, slot 0 the (CLS, CLS) pair. Not used for
+        ``loss="dino"``.
+    loss : {"dino", "mean", "sum", "lambda"}
+        The reduction (weights as :func:`pwself_reference.losses.pair_weights`).
+    lam : float
+        CLS weight of ``loss="lambda"``.
+    batch : int
+        Images ``B``.
+    teacher_tokens, student_tokens : sequence of int
+        Rows per image of every teacher / student view.
+    device : torch.device or str
+        Where the indices go.
+
+    Returns
+    -------
+    PairIndex
+        Weights already divided by ``B`` times the number of view pairs, so that the
+        loss is their weighted sum.
+    """
+    n_t, n_s = len(teacher_tokens), len(student_tokens)
+    pairs = [(i, j) for j in range(n_s) for i in range(n_t) if i != j]
+    if not pairs:
+        raise ValueError("no (teacher, student) view pair with different views")
+    scale = 1.0 / (batch * len(pairs))
+    t_off = np.cumsum([0] + [batch * r for r in teacher_tokens]).tolist()
+    s_off = np.cumsum([0] + [batch * r for r in student_tokens]).tolist()
+    base = torch.arange(batch, device=device).unsqueeze(1)
+    students, teachers, weights = [], [], []
+    for i, j in pairs:
+        if loss == "dino":
+            idx_a = idx_b = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            w = torch.full((batch, 1), scale, device=device)
+        else:
+            if matches is None or (i, j) not in matches:
+                raise ValueError(f"loss {loss!r} needs matches[({i}, {j})]")
+            m = matches[(i, j)]
+            idx_a, idx_b, valid = (x.to(device) for x in (m.idx_a, m.idx_b, m.valid))
+            if not (idx_a.dim() == 2 and idx_a.shape[0] == batch
+                    and idx_a.shape == idx_b.shape == valid.shape):
+                raise ValueError(
+                    f"matches[({i}, {j})] must hold (B={batch}, M) idx_a, idx_b and valid, got "
+                    f"{tuple(idx_a.shape)}, {tuple(idx_b.shape)} and {tuple(valid.shape)}")
+            bad = valid & ((idx_a < 0) | (idx_a >= teacher_tokens[i]) | (idx_b < 0)
+                           | (idx_b >= student_tokens[j]))
+            if bool(bad.any()):
+                raise ValueError("matches hold token indices outside the teacher or student "
+                                 "outputs")
+            w = pair_weights(valid, loss, lam) * scale
+        keep = w != 0
+        students.append((s_off[j] + base * student_tokens[j] + idx_b)[keep])
+        teachers.append((t_off[i] + base * teacher_tokens[i] + idx_a)[keep])
+        weights.append(w[keep])
+    return PairIndex(torch.cat(students), torch.cat(teachers), torch.cat(weights).float())
+
+
+def _check_inputs(student_features, student_weight, teacher_features, teacher_weight, center,
+                  center_index, pairs, student_temp, teacher_temp) -> None:
+    for name, x in (("student_features", student_features), ("student_weight", student_weight),
+                    ("teacher_features", teacher_features), ("teacher_weight", teacher_weight),
+                    ("center", center)):
+        if not torch.is_tensor(x) or x.dim() != 2:
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{name} must be a 2-d tensor, got {got}")
+    k, d = student_weight.shape
+    if teacher_weight.shape != (k, d):
+        raise ValueError(f"teacher_weight must be (K={k}, D={d}) like student_weight, got "
+                         f"{tuple(teacher_weight.shape)}")
+    for name, x in (("student_features", student_features),
+                    ("teacher_features", teacher_features)):
+        if x.shape[1] != d:
+            raise ValueError(f"{name} must be (rows, D={d}), got {tuple(x.shape)}")
+    if center.shape[1] != k:
+        raise ValueError(f"center must be (C, K={k}), got {tuple(center.shape)}")
+    if center_index is None:
+        if center.shape[0] != 1:
+            raise ValueError(f"center_index=None needs a (1, K) center, got {tuple(center.shape)}")
+    elif center_index.shape != (teacher_features.shape[0],) or center_index.dtype != torch.long:
+        raise ValueError(f"center_index must be an int64 ({teacher_features.shape[0]},) tensor, "
+                         f"got {center_index.dtype} {tuple(center_index.shape)}")
+    if not isinstance(pairs, PairIndex):
+        raise TypeError(f"pairs must be a PairIndex, got {type(pairs).__name__}")
+    p = pairs.student.shape
+    if (pairs.student.dim() != 1 or pairs.teacher.shape != p or pairs.weight.shape != p
+            or pairs.student.dtype != torch.long or pairs.teacher.dtype != torch.long):
+        raise ValueError("pairs.student and pairs.teacher must be int64 (P,) tensors and "
+                         "pairs.weight a (P,) tensor")
+    if not (student_temp > 0 and teacher_temp > 0):
+        raise ValueError(f"temperatures must be > 0, got {student_temp!r} and {teacher_temp!r}")
+
+
+def reference_head_loss(
+    student_features: torch.Tensor, student_weight: torch.Tensor,
+    teacher_features: torch.Tensor, teacher_weight: torch.Tensor,
+    center: torch.Tensor, pairs: PairIndex, student_temp: float, teacher_temp: float,
+    center_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The loss of :func:`fused_head_loss` written with every logit at once (the specification).
+
+    ``(N, K)`` logits, softmax and log-softmax in full; differentiable by autograd.
+    """
+    _check_inputs(student_features, student_weight, teacher_features, teacher_weight, center,
+                  center_index, pairs, student_temp, teacher_temp)
+    device = student_features.device
+    with torch.autocast(device.type, enabled=False):
+        s_logits = (student_features @ student_weight.t()).float()              # (N_s, K)
+        t_logits = (teacher_features @ teacher_weight.t()).detach().float()     # (N_t, K)
+        c = center if center_index is None else center[center_index]           # (N_t or 1, K)
+        teacher_probs = F.softmax((t_logits - c.float()) / teacher_temp, dim=-1)
+        student_log_probs = F.log_softmax(s_logits / student_temp, dim=-1)
+        ce = -(teacher_probs[pairs.teacher] * student_log_probs[pairs.student]).sum(-1)  # (P,)
+        return (pairs.weight.float() * ce).sum()
+
+
+@dataclass
+class _Chunk:
+    student: torch.Tensor                                # (n,) student rows
+    row_weight: torch.Tensor                             # (n,) c: weight sum per row
+    teacher: list[tuple[torch.Tensor, torch.Tensor]]     # (teacher rows, sparse (n, m) A)
+
+
+def _plan(pairs: PairIndex, n_student: int, n_teacher: int, chunk_rows: int,
+          device: torch.device) -> list[_Chunk]:
+    """Chunks of the student rows with a pair: whole connected groups of rows (images)
+    together where they fit in ``chunk_rows``; per chunk, its teacher rows in pieces of at
+    most ``chunk_rows`` with the pair weights as a sparse matrix. One host sync."""
+    s = pairs.student.detach().cpu().numpy()
+    t = pairs.teacher.detach().cpu().numpy()
+    w = pairs.weight.detach().float().cpu().numpy()
+    if s.size and (s.min() < 0 or s.max() >= n_student or t.min() < 0 or t.max() >= n_teacher):
+        raise ValueError(f"pairs index rows outside the {n_student} student / {n_teacher} "
+                         "teacher rows")
+    keep = w != 0
+    s, t, w = s[keep], t[keep], w[keep]
+    if s.size == 0:
+        return []
+    # connected groups of the bipartite pair graph (the images): min-label propagation
+    lab_s = np.arange(n_student)
+    lab_t = np.full(n_teacher, n_student)
+    while True:
+        np.minimum.at(lab_t, t, lab_s[s])
+        new_s = lab_s.copy()
+        np.minimum.at(new_s, s, lab_t[t])
+        if np.array_equal(new_s, lab_s):
+            break
+        lab_s = new_s
+    rows = np.unique(s)
+    first_t = np.full(n_student, n_teacher)
+    np.minimum.at(first_t, s, t)
+    rows = rows[np.lexsort((rows, first_t[rows], lab_s[rows]))]   # by group, then teacher row
+    groups = np.split(rows, np.flatnonzero(np.diff(lab_s[rows])) + 1)
+    chunks_rows: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    size = 0
+    for g in groups:
+        if size + g.size > chunk_rows and current:
+            chunks_rows.append(np.concatenate(current))
+            current, size = [], 0
+        while g.size > chunk_rows:                      # a group larger than a chunk is cut
+            chunks_rows.append(g[:chunk_rows])
+            g = g[chunk_rows:]
+        current.append(g)
+        size += g.size
+    if current:
+        chunks_rows.append(np.concatenate(current))
+    chunk_of = np.full(n_student, -1)
+    local_of = np.zeros(n_student, dtype=np.int64)
+    for c, r in enumerate(chunks_rows):
+        chunk_of[r] = c
+        local_of[r] = np.arange(r.size)
+    order = np.lexsort((t, chunk_of[s]))
+    s, t, w = s[order], t[order], w[order]
+    bounds = np.searchsorted(chunk_of[s], np.arange(len(chunks_rows) + 1))
+    plan = []
+    for c, r in enumerate(chunks_rows):
+        cs, ct, cw = s[bounds[c]:bounds[c + 1]], t[bounds[c]:bounds[c + 1]], w[bounds[c]:bounds[c + 1]]
+        row_weight = np.zeros(r.size, dtype=np.float32)
+        np.add.at(row_weight, local_of[cs], cw)
+        t_rows, t_local = np.unique(ct, return_inverse=True)
+        pieces = []
+        for a in range(0, t_rows.size, chunk_rows):
+            sel = (t_local >= a) & (t_local < a + chunk_rows)
+            m = min(chunk_rows, t_rows.size - a)
+            index = torch.from_numpy(np.stack([local_of[cs[sel]], t_local[sel] - a]))
+            mat = torch.sparse_coo_tensor(index, torch.from_numpy(cw[sel]), (r.size, m),
+                                          check_invariants=False).coalesce().to(device)
+            pieces.append((torch.from_numpy(t_rows[a:a + m]).to(device), mat))
+        plan.append(_Chunk(torch.from_numpy(r).to(device), torch.from_numpy(row_weight).to(device),
+                           pieces))
+    return plan
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the fused loss's matrix products: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    """``L`` of the module docstring from the bottleneck features and the last layer.
+
+    ``forward(ctx, student_features, student_weight, teacher_features, teacher_weight,
+    center, center_index, plan, student_temp, teacher_temp, chunk_rows, need_grad)``;
+    differentiable in ``student_features`` and ``student_weight`` (the teacher side and
+    the centre are constants). ``plan`` comes from the pairs (see :func:`fused_head_loss`,
+    which is the function to call).
+    """
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, ws: torch.Tensor, xt: torch.Tensor, wt: torch.Tensor,
+                center: torch.Tensor, center_index: torch.Tensor | None, plan: list[_Chunk],
+                student_temp: float, teacher_temp: float, chunk_rows: int,
+                need_grad: bool) -> torch.Tensor:
+        device = xs.device
+        dtype = _matmul_dtype(xs)
+        ctx.dtypes = (xs.dtype, ws.dtype)
+        k, d = ws.shape
+        loss = torch.zeros((), dtype=torch.float32, device=device)
+        grad_x = torch.zeros(xs.shape, dtype=torch.float32, device=device) if need_grad else None
+        grad_w = torch.zeros((k, d), dtype=torch.float32, device=device) if need_grad else None
+        if plan:
+            with torch.autocast(device.type, enabled=False), \
+                    torch.profiler.record_function(FUSED_LOSS_LABEL):
+                _fused_chunks(plan, xs.detach(), ws.detach(), xt.detach(), wt.detach(),
+                              center.detach().float(), center_index, student_temp,
+                              teacher_temp, chunk_rows, dtype, loss, grad_x, grad_w)
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w)
+        ctx.need_grad = need_grad
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        none = (None,) * 9
+        if not ctx.need_grad:
+            return (None, None) + none
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_out.to(torch.float32)
+        gx = (grad_x * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return (gx, gw) + none
+
+
+def _fused_chunks(plan, xs, ws, xt, wt, center, center_index, student_temp, teacher_temp,
+                  chunk_rows, dtype, loss, grad_x, grad_w) -> None:
+    """The chunk loop of :class:`FusedHeadLoss`; adds into ``loss``, ``grad_x``, ``grad_w``."""
+    device = xs.device
+    k = ws.shape[0]
+    # the last layer in the matmul dtype, once; the temperature is folded into the features
+    # (x / tau) W^T = (x W^T) / tau
+    ws_m = ws.to(dtype)
+    wt_m = wt.to(dtype)
+    rows = max(c.student.numel() for c in plan)
+    t_rows = max(t.numel() for c in plan for t, _ in c.teacher)
+    # (chunk, K) float32 buffers, allocated once: targets Q, teacher probabilities, student
+    # logits (the last also holds the gathered centre rows before the student logits)
+    q_buf = torch.empty(rows * k, dtype=torch.float32, device=device)
+    p_buf = torch.empty(t_rows * k, dtype=torch.float32, device=device)
+    z_buf = torch.empty(max(rows, t_rows if center_index is not None else 0) * k,
+                        dtype=torch.float32, device=device)
+    per_token = center_index is not None
+    for chunk in plan:
+        n = chunk.student.numel()
+        q = q_buf[: n * k].view(n, k)
+        q.zero_()
+        for t_idx, a in chunk.teacher:
+            m = t_idx.numel()
+            p = p_buf[: m * k].view(m, k)
+            with torch.profiler.record_function(LAST_LAYER_LABEL):
+                _mm_into(p, xt.index_select(0, t_idx).to(dtype), wt_m.t())
+            if per_token:  # softmax((t - c) / tau_t)
+                cen = z_buf[: m * k].view(m, k)
+                torch.index_select(center, 0, center_index.index_select(0, t_idx), out=cen)
+                p.sub_(cen)
+            else:
+                p.sub_(center)
+            p.div_(teacher_temp)
+            torch.softmax(p, -1, out=p)
+            q.addmm_(a, p)                                      # Q += A P
+        x_c = xs.index_select(0, chunk.student)
+        z = z_buf[: n * k].view(n, k)
+        with torch.profiler.record_function(LAST_LAYER_LABEL):
+            _mm_into(z, (x_c.float() / student_temp).to(dtype), ws_m.t())  # z = x W^T / tau_s
+        lse = torch.logsumexp(z, -1)                            # (n,)
+        # -sum_k Q log_softmax(z) = c * lse - Q . z   (a teacher row sums to 1)
+        loss.add_(torch.dot(chunk.row_weight, lse) - torch.dot(q.view(-1), z.view(-1)))
+        if grad_x is None:
+            continue
+        # G = (c * softmax(z) - Q) / tau_s, in the logits' buffer
+        g = z.sub_(lse.unsqueeze(-1)).exp_()
+        g.mul_((chunk.row_weight / student_temp).unsqueeze(-1)).sub_(q, alpha=1.0 / student_temp)
+        g_m = g.to(dtype)
+        with torch.profiler.record_function(LAST_LAYER_LABEL):
+            grad_x.index_copy_(0, chunk.student, (g_m @ ws_m).float())       # G W
+            if dtype == torch.float32:
+                grad_w.addmm_(g_m.t(), x_c.float())                          # += G^T x
+            else:
+                grad_w.add_(g_m.t() @ x_c.to(dtype))
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` into a float32 buffer (low-precision products are rounded first, as
+    the unfused head's output is)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def fused_memory_bytes(chunk_rows: int, out_dim: int, bottleneck_dim: int,
+                       low_precision: bool = False) -> int:
+    """Bytes of the out_dim-sized buffers :func:`fused_head_loss` holds at once (the
+    formula of the module docstring)."""
+    per_row = 3 * 4 + (2 if low_precision else 0)
+    return chunk_rows * out_dim * per_row + out_dim * bottleneck_dim * 4
+
+
+def fused_head_loss(
+    student_features: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_features: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    center: torch.Tensor,
+    pairs: PairIndex,
+    student_temp: float,
+    teacher_temp: float,
+    center_index: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The PW-Self loss from the bottleneck features, chunk by chunk (see the module docstring).
+
+    Parameters
+    ----------
+    student_features : torch.Tensor
+        ``(N_s, D)`` student bottleneck features (:func:`head_bottleneck`).
+    student_weight : torch.Tensor
+        ``(K, D)`` student last layer (:func:`last_layer_weight`).
+    teacher_features, teacher_weight : torch.Tensor
+        ``(N_t, D)`` and ``(K, D)``, the teacher's; no gradient flows to them.
+    center : torch.Tensor
+        ``(C, K)`` centre.
+    pairs : PairIndex
+        The matched pairs and their weights (:func:`matched_pairs`).
+    student_temp, teacher_temp : float
+        Temperatures.
+    center_index : torch.Tensor, optional
+        ``(N_t,)`` int64 centre row of every teacher row (per-token centre); None: the
+        ``(1, K)`` global centre.
+    chunk_size : int, optional
+        Rows of the ``(chunk, K)`` buffers; default ``DEFAULT_CHUNK_VALUES // K``.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar float32 loss, differentiable in ``student_features`` and ``student_weight``.
+
+    Examples
+    --------
+    >>> xs = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_()
+    >>> xt = F.normalize(torch.randn(3, 8), dim=-1)
+    >>> w = torch.randn(16, 8)
+    >>> pairs = PairIndex(torch.tensor([0, 4]), torch.tensor([2, 2]), torch.tensor([0.5, 0.5]))
+    >>> args = (xs, w, xt, w, torch.zeros(1, 16), pairs, 0.1, 0.04)
+    >>> fused = fused_head_loss(*args, chunk_size=1)
+    >>> torch.allclose(fused, reference_head_loss(*args))
+    True
+    """
+    _check_inputs(student_features, student_weight, teacher_features, teacher_weight, center,
+                  center_index, pairs, student_temp, teacher_temp)
+    k = student_weight.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_VALUES // k)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    plan = _plan(pairs, student_features.shape[0], teacher_features.shape[0], chunk_size,
+                 student_features.device)
+    need_grad = torch.is_grad_enabled() and (student_features.requires_grad
+                                             or student_weight.requires_grad)
+    return FusedHeadLoss.apply(student_features, student_weight, teacher_features,
+                               teacher_weight, center, center_index, plan, float(student_temp),
+                               float(teacher_temp), chunk_size, need_grad)
+

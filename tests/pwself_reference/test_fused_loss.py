@@ -1,0 +1,265 @@
+"""The fused, chunked head-output loss against the readable reference and PWSelfLoss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from patchaug import PatchMatch
+from pwself_reference.fused_loss import (
+    PairIndex,
+    _plan,
+    center_statistic,
+    fused_head_loss,
+    head_bottleneck,
+    last_layer_weight,
+    matched_pairs,
+    reference_head_loss,
+)
+from pwself_reference.losses import LOSSES, PWSelfLoss
+from pwself_reference.models import DINOHead
+
+B, D, K = 3, 8, 48
+T_TEACHER = 5                  # tokens per global view
+S_TOKENS = [5, 5, 3, 3]        # two global + two local student views
+TAU_S, TAU_T = 0.1, 0.04
+
+
+def random_matches(gen: torch.Generator, n_teacher: int = 2, s_tokens=S_TOKENS,
+                   t_tokens: int = T_TEACHER, slots: int = 4) -> dict:
+    """(B, M) matches per (i, j), slot 0 the (CLS, CLS) pair, random patch slots; some
+    images get no patch match at all."""
+    out = {}
+    for j, tj in enumerate(s_tokens):
+        for i in range(n_teacher):
+            if i == j:
+                continue
+            idx_a = torch.randint(1, t_tokens, (B, slots), generator=gen)
+            idx_b = torch.randint(1, tj, (B, slots), generator=gen)
+            valid = torch.rand(B, slots, generator=gen) < 0.6
+            valid[-1, 1:] = False           # the last image: CLS only
+            idx_a[:, 0] = idx_b[:, 0] = 0
+            valid[:, 0] = True
+            out[(i, j)] = PatchMatch(idx_a=idx_a, idx_b=idx_b, valid=valid)
+    return out
+
+
+def setup(seed: int = 0, norm_last_layer: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    n_s = B * sum(S_TOKENS)
+    n_t = B * T_TEACHER * 2
+    xs = F.normalize(torch.randn(n_s, D, generator=gen), dim=-1)
+    xt = F.normalize(torch.randn(n_t, D, generator=gen), dim=-1)
+    v = torch.randn(K, D, generator=gen).requires_grad_()
+    g = (1 + 0.1 * torch.rand(K, 1, generator=gen)).requires_grad_(not norm_last_layer)
+    wt = F.normalize(torch.randn(K, D, generator=gen), dim=-1)
+    return gen, xs, v, g, xt, wt
+
+
+def centre(gen, mode: str):
+    if mode == "global":
+        return 0.3 * torch.randn(1, K, generator=gen), None
+    c = 0.3 * torch.randn(T_TEACHER, K, generator=gen)
+    index = torch.arange(T_TEACHER).repeat(2 * B)      # row (view, image, token) -> token
+    return c, index
+
+
+def grads(loss, tensors):
+    out = torch.autograd.grad(loss, [t for t in tensors if t.requires_grad], allow_unused=True)
+    return [torch.zeros_like(t) if o is None else o for t, o in
+            zip([t for t in tensors if t.requires_grad], out)]
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
+    scale = max(float(b.abs().max()), 1e-6)
+    assert float((a.float() - b.float()).abs().max()) <= rel * scale, (a, b)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("mode", ["global", "per-token"])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_fused_equals_reference(loss, mode, chunk, norm_last_layer):
+    gen, xs, v, g, xt, wt = setup(1, norm_last_layer)
+    xs.requires_grad_()
+    c, index = centre(gen, mode)
+    pairs = matched_pairs(random_matches(gen), loss, 0.3, B, [T_TEACHER] * 2, S_TOKENS)
+    leaves = [xs, v, g]
+    ref = reference_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
+                              center_index=index)
+    fused = fused_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
+                            center_index=index, chunk_size=chunk)
+    assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads(fused, leaves), grads(ref, leaves)):
+        close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("mode", ["global", "per-token"])
+def test_fused_bfloat16(loss, mode):
+    """bfloat16 features and weight: the products in bfloat16, loose tolerance."""
+    gen, xs, v, g, xt, wt = setup(2)
+    c, index = centre(gen, mode)
+    pairs = matched_pairs(random_matches(gen), loss, 0.5, B, [T_TEACHER] * 2, S_TOKENS)
+    xs_b = xs.bfloat16().requires_grad_()
+    args = (xt.bfloat16(), wt.bfloat16(), c, pairs, TAU_S, TAU_T)
+    ref = reference_head_loss(xs_b, (g * F.normalize(v, dim=-1)).bfloat16(), *args,
+                              center_index=index)
+    fused = fused_head_loss(xs_b, (g * F.normalize(v, dim=-1)).bfloat16(), *args,
+                            center_index=index, chunk_size=5)
+    assert fused.dtype == torch.float32
+    assert torch.allclose(fused, ref, rtol=2e-2)
+    for a, b in zip(grads(fused, [xs_b, v]), grads(ref, [xs_b, v])):
+        assert a.dtype == b.dtype
+        close(a, b, 3e-2)
+
+
+def test_fused_under_bf16_autocast_close_to_float32():
+    gen, xs, v, g, xt, wt = setup(3)
+    c, index = centre(gen, "per-token")
+    pairs = matched_pairs(random_matches(gen), "mean", 0.5, B, [T_TEACHER] * 2, S_TOKENS)
+    xs.requires_grad_()
+    ref = reference_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
+                              center_index=index)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = fused_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
+                                center_index=index, chunk_size=4)
+    assert torch.allclose(fused, ref, rtol=3e-2)
+    for a, b in zip(grads(fused, [xs, v]), grads(ref, [xs, v])):
+        assert a.dtype == torch.float32
+        close(a, b, 5e-2)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("mode", ["global", "per-token"])
+def test_fused_equals_pwself_loss(loss, mode):
+    """Same value, gradients and centre update as PWSelfLoss on the head outputs."""
+    gen, xs, v, g, xt, wt = setup(4)
+    xs.requires_grad_()
+    c, index = centre(gen, mode)
+    matches = random_matches(gen)
+    crit = PWSelfLoss(K, T_TEACHER, loss=loss, lam=0.3, center=mode, teacher_temps=[TAU_T],
+                      student_temp=TAU_S)
+    crit.center.copy_(c.unsqueeze(0))
+    w = g * F.normalize(v, dim=-1)
+    s_out = list((xs @ w.t()).split([B * t for t in S_TOKENS]))
+    s_out = [o.view(B, t, K) for o, t in zip(s_out, S_TOKENS)]
+    t_out = [o.view(B, T_TEACHER, K) for o in (xt @ wt.t()).split(B * T_TEACHER)]
+    ref = crit(s_out, t_out, matches, epoch=0, update_center=True)
+    pairs = matched_pairs(matches, loss, 0.3, B, [T_TEACHER] * 2, S_TOKENS)
+    fused = fused_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
+                            center_index=index, chunk_size=6)
+    assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads(fused, [xs, v]), grads(ref, [xs, v])):
+        close(a, b, 1e-5)
+    # the centre update: EMA with the mean teacher logit per centre row
+    sums, counts = center_statistic(xt, wt, index, c.shape[0])
+    new = 0.9 * c + 0.1 * sums / counts.unsqueeze(-1)
+    assert torch.allclose(new, crit.center[0], atol=1e-5)
+
+
+def test_empty_pairs_and_zero_weights():
+    gen, xs, v, g, xt, wt = setup(5)
+    xs.requires_grad_()
+    c = torch.zeros(1, K)
+    empty = PairIndex(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                      torch.zeros(0))
+    zero = PairIndex(torch.tensor([0, 3]), torch.tensor([1, 2]), torch.zeros(2))
+    for pairs in (empty, zero):
+        loss = fused_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T)
+        assert float(loss.detach()) == 0.0
+        gx, gv = grads(loss, [xs, v])
+        assert not gx.any() and not gv.any()
+
+
+def test_no_grad_and_rows_without_pairs():
+    gen, xs, v, g, xt, wt = setup(6)
+    xs.requires_grad_()
+    pairs = PairIndex(torch.tensor([4, 4, 9]), torch.tensor([0, 7, 7]),
+                      torch.tensor([0.2, 0.3, 0.5]))
+    w = g * F.normalize(v, dim=-1)
+    with torch.no_grad():
+        value = fused_head_loss(xs, w, xt, wt, torch.zeros(1, K), pairs, TAU_S, TAU_T)
+    loss = fused_head_loss(xs, w, xt, wt, torch.zeros(1, K), pairs, TAU_S, TAU_T)
+    assert torch.allclose(value, loss)
+    (gx,) = torch.autograd.grad(loss, [xs])
+    unpaired = torch.ones(xs.shape[0], dtype=torch.bool)
+    unpaired[[4, 9]] = False
+    assert not gx[unpaired].any() and gx[~unpaired].abs().sum() > 0
+
+
+def test_head_split_is_the_head():
+    for norm in (True, False):
+        head = DINOHead(12, 40, hidden_dim=16, bottleneck_dim=8, norm_last_layer=norm)
+        x = torch.randn(2, 3, 12)
+        split = head_bottleneck(head, x) @ last_layer_weight(head).t()
+        assert torch.equal(split, head(x))
+
+
+class MaxNumel(TorchDispatchMode):
+    """Largest number of elements of any tensor an operator returns (allocations included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor):
+                self.max = max(self.max, o.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_tokens_by_out_dim_tensor(dtype):
+    """No operator of the forward or backward pass returns a tensor larger than one
+    (chunk, K) buffer or the (K, D) weight gradient, though (tokens, K) is 10x that."""
+    k, d, chunk = 512, 4, 4
+    gen = torch.Generator().manual_seed(7)
+    n_s, n_t = 60, 30
+    xs = F.normalize(torch.randn(n_s, d, generator=gen), dim=-1).to(dtype).requires_grad_()
+    w = torch.randn(k, d, generator=gen).to(dtype).requires_grad_()
+    xt = torch.randn(n_t, d, generator=gen).to(dtype)
+    pairs = PairIndex(torch.arange(n_s), torch.arange(n_s) % n_t, torch.full((n_s,), 1 / n_s))
+    bound = max(chunk * k, k * d)
+    assert n_s * k >= 10 * bound
+    with MaxNumel() as counter:
+        loss = fused_head_loss(xs, w, xt, w.detach(), torch.zeros(1, k), pairs, TAU_S, TAU_T,
+                               chunk_size=chunk)
+        loss.backward()
+    assert 0 < counter.max <= bound
+    with MaxNumel() as counter:          # the check sees a (tokens, K) tensor when there is one
+        reference_head_loss(xs, w, xt, w.detach(), torch.zeros(1, k), pairs, TAU_S, TAU_T)
+    assert counter.max >= n_s * k
+
+
+def test_teacher_rows_computed_once_per_image():
+    """A chunk holds whole images where they fit, so each teacher row is computed once."""
+    gen = torch.Generator().manual_seed(8)
+    pairs = matched_pairs(random_matches(gen), "mean", 0.5, B, [T_TEACHER] * 2, S_TOKENS)
+    plan = _plan(pairs, B * sum(S_TOKENS), 2 * B * T_TEACHER, sum(S_TOKENS), torch.device("cpu"))
+    used = torch.unique(pairs.teacher).numel()
+    assert sum(t.numel() for c in plan for t, _ in c.teacher) == used
+    covered = torch.cat([c.student for c in plan])
+    assert torch.equal(covered.sort().values, torch.unique(pairs.student))
+
+
+def test_bad_inputs():
+    gen, xs, v, g, xt, wt = setup(9)
+    pairs = PairIndex(torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]))
+    w = g * F.normalize(v, dim=-1)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        fused_head_loss(xs, w, xt, wt[:, :4], torch.zeros(1, K), pairs, TAU_S, TAU_T)
+    with pytest.raises(ValueError, match="center"):
+        fused_head_loss(xs, w, xt, wt, torch.zeros(2, K), pairs, TAU_S, TAU_T)
+    with pytest.raises(ValueError, match="outside"):
+        fused_head_loss(xs, w, xt, wt, torch.zeros(1, K),
+                        PairIndex(torch.tensor([999]), torch.tensor([0]), torch.tensor([1.0])),
+                        TAU_S, TAU_T)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_head_loss(xs, w, xt, wt, torch.zeros(1, K), pairs, TAU_S, TAU_T, chunk_size=0)
+    with pytest.raises(TypeError, match="PairIndex"):
+        fused_head_loss(xs, w, xt, wt, torch.zeros(1, K), (0, 0, 1.0), TAU_S, TAU_T)
