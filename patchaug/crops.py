@@ -73,6 +73,14 @@ def _check_prob(p: object, name: str) -> float:
     return float(p)
 
 
+def _check_generator(generator: object, device: torch.device | str | None = None) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and device is not None and generator.device.type != torch.device(device).type:
+        raise ValueError(f"generator is on {generator.device} but the images are on {device}; "
+                         "give a generator on the images' device")
+
+
 def _uniform(shape, lo: float, hi: float, generator, device) -> torch.Tensor:
     u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
     return lo + (hi - lo) * u
@@ -124,6 +132,7 @@ def sample_crop_boxes(
     height, width = _check_size((height, width), "(height, width)")
     s_lo, s_hi = _check_range(scale, "scale")
     r_lo, r_hi = _check_range(ratio, "ratio")
+    _check_generator(generator, device)
     if device is None and generator is not None:
         device = generator.device
     area = float(height * width)
@@ -169,6 +178,11 @@ def _check_images(images: object, name: str = "images") -> torch.Tensor:
     return images
 
 
+def _check_mode(mode: object) -> None:
+    if mode not in ("bilinear", "nearest", "bicubic"):
+        raise ValueError(f"mode must be 'bilinear', 'nearest' or 'bicubic', got {mode!r}")
+
+
 def resized_crop_boxes(
     images: torch.Tensor,
     boxes: torch.Tensor,
@@ -189,7 +203,8 @@ def resized_crop_boxes(
     images : torch.Tensor
         ``(B, C, H, W)`` floating point images.
     boxes : torch.Tensor
-        ``(B, 4)`` boxes ``(x0, y0, x1, y1)`` in source pixels.
+        ``(B, 4)`` boxes ``(x0, y0, x1, y1)`` in source pixels: finite, ``x1 > x0``,
+        ``y1 > y0``, overlapping the image (a part outside repeats the border pixels).
     size : int or (int, int)
         Output ``(h, w)``.
     flips : torch.Tensor, optional
@@ -211,14 +226,42 @@ def resized_crop_boxes(
     """
     images = _check_images(images)
     out_h, out_w = _check_size(size)
-    if mode not in ("bilinear", "nearest", "bicubic"):
-        raise ValueError(f"mode must be 'bilinear', 'nearest' or 'bicubic', got {mode!r}")
+    _check_mode(mode)
     b, _, height, width = images.shape
     if not isinstance(boxes, torch.Tensor) or boxes.shape != (b, 4):
         raise ValueError(f"boxes must be a ({b}, 4) tensor, got {getattr(boxes, 'shape', boxes)!r}")
     if flips is not None and (not isinstance(flips, torch.Tensor) or flips.dtype != torch.bool
                               or flips.shape != (b,)):
         raise TypeError(f"flips must be a ({b},) bool tensor, got {flips!r}")
+    _check_boxes_in_image(boxes, height, width)
+    return _resized_crop(images, boxes, (out_h, out_w), flips, mode)
+
+
+def _check_boxes_in_image(boxes: torch.Tensor, height: int, width: int) -> None:
+    """Finite, non-empty boxes that overlap the image (one host sync, on the boxes only)."""
+    if boxes.is_floating_point() or boxes.is_complex():
+        bad = ~torch.isfinite(boxes).all(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"boxes must be finite, box {i} is {boxes[i].tolist()}")
+    bx = boxes.double()
+    empty = (bx[:, 2] <= bx[:, 0]) | (bx[:, 3] <= bx[:, 1])
+    if bool(empty.any()):
+        i = int(empty.nonzero()[0])
+        raise ValueError(f"boxes must have x1 > x0 and y1 > y0 (flips mirror, not reversed boxes), "
+                         f"box {i} is {boxes[i].tolist()}")
+    outside = (bx[:, 0] >= width) | (bx[:, 2] <= 0) | (bx[:, 1] >= height) | (bx[:, 3] <= 0)
+    if bool(outside.any()):
+        i = int(outside.nonzero()[0])
+        raise ValueError(f"boxes must overlap the {height} x {width} image, box {i} is "
+                         f"{boxes[i].tolist()}")
+
+
+def _resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
+                  flips: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """:func:`resized_crop_boxes` on checked arguments (boxes drawn here need no check)."""
+    b, _, height, width = images.shape
+    out_h, out_w = size
     boxes = boxes.to(device=images.device, dtype=torch.float32)
     dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
     col = torch.arange(out_w, device=images.device, dtype=dtype).expand(b, out_w)
@@ -286,13 +329,16 @@ def batched_random_resized_crop(
     flip_p = _check_prob(flip_p, "flip_p")
     if not isinstance(shared, bool):
         raise TypeError(f"shared must be a bool, got {type(shared).__name__}")
+    size = _check_size(size)
+    _check_mode(mode)
+    _check_generator(generator, images.device)
     b, _, height, width = images.shape
     n = 1 if shared else b
     boxes = sample_crop_boxes(n, height, width, scale, ratio, generator=generator, device=images.device)
     flips = torch.rand(n, generator=generator, device=images.device) < flip_p
     if shared:
         boxes, flips = boxes.expand(b, 4).contiguous(), flips.expand(b).contiguous()
-    crops = resized_crop_boxes(images, boxes, size, flips, mode=mode)
+    crops = _resized_crop(images, boxes, size, flips, mode)
     return crops, boxes, flips
 
 

@@ -31,11 +31,36 @@ def _to_hwc(image: Any, name: str) -> np.ndarray:
 
 
 def _grid(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    raise TypeError(f"{name} must be an int or a (rows, cols) pair of ints, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name} must be an int or a (rows, cols) pair of ints, got {value!r}")
+    if value[0] < 1 or value[1] < 1:
+        raise ValueError(f"{name} must be positive, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def _check_match_fits_grids(match: PatchMatch, grids: list[tuple[int, int]]) -> bool:
+    """Whether the match has a CLS slot; raises if it was computed for other grids.
+
+    ``match_patches`` gives ``M = cls + min(rows) * min(cols)`` slots, which tells both
+    whether slot 0 is CLS and whether the grids are the ones the match was made for.
+    """
+    (rows_a, cols_a), (rows_b, cols_b) = grids
+    slots = min(rows_a, rows_b) * min(cols_a, cols_b)
+    m = match.valid.shape[0]
+    if m not in (slots, slots + 1):
+        raise ValueError(
+            f"match has {m} slots but grids {grids[0]} and {grids[1]} give {slots} (+1 with "
+            "CLS): was it computed for other grids? Pass the grids given to match_patches")
+    has_cls = m == slots + 1
+    for name, idx, (rows, cols) in (("grid_a", match.idx_a, grids[0]), ("grid_b", match.idx_b, grids[1])):
+        tokens = idx[match.valid]
+        if tokens.numel() and int(tokens.max()) >= rows * cols + has_cls:
+            raise ValueError(f"match holds token {int(tokens.max())}, outside the {rows} x {cols} "
+                             f"{name}: was it computed for other grids?")
+    return has_cls
 
 
 def draw_matches(
@@ -82,12 +107,11 @@ def draw_matches(
     >>> fig = draw_matches(torch.rand(3, 64, 64), torch.rand(3, 32, 32), 4, 2, m)
     """
     try:
-        import matplotlib
-
-        if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "module://matplotlib_inline.backend_inline"):
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import ConnectionPatch
+        # a Figure of its own, not pyplot's: nothing stays open in pyplot's registry, and
+        # no backend is switched; savefig works, and notebooks display the returned figure
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
+        from matplotlib.patches import ConnectionPatch, Rectangle
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("draw_matches needs matplotlib: pip install matplotlib") from err
 
@@ -97,7 +121,9 @@ def draw_matches(
         raise ValueError("match must be unbatched (valid of shape (M,)); index one sample first")
     imgs = [_to_hwc(image_a, "image_a"), _to_hwc(image_b, "image_b")]
     grids = [_grid(grid_a, "grid_a"), _grid(grid_b, "grid_b")]
-    has_cls = bool(match.valid[0]) and int(match.idx_a[0]) == 0 and int(match.idx_b[0]) == 0
+    if not isinstance(max_labels, int) or isinstance(max_labels, bool) or max_labels < 1:
+        raise ValueError(f"max_labels must be a positive int, got {max_labels!r}")
+    has_cls = _check_match_fits_grids(match, grids)
     keep = match.valid.clone()
     if has_cls:
         keep[0] = False
@@ -107,8 +133,9 @@ def draw_matches(
     shown = np.unique(np.linspace(0, n - 1, min(n, max_labels)).round().astype(int)) if n else []
 
     heights = [im.shape[0] for im in imgs]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), gridspec_kw={"width_ratios": [im.shape[1] / h for im, h in zip(imgs, heights)]})
-    cmap = plt.get_cmap("hsv")
+    fig = Figure(figsize=(10, 5))
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [im.shape[1] / h for im, h in zip(imgs, heights)]})
+    cmap = colormaps["hsv"]
     for view, ax in enumerate(axes):
         im, (rows, cols) = imgs[view], grids[view]
         h, w = im.shape[:2]
@@ -127,7 +154,7 @@ def draw_matches(
             r, c = divmod(t, cols)
             x, y = (c + 0.5) * w / cols, (r + 0.5) * h / rows
             colour = cmap(k / max(n, 1))
-            ax.add_patch(plt.Rectangle((c * w / cols, r * h / rows), w / cols, h / rows,
+            ax.add_patch(Rectangle((c * w / cols, r * h / rows), w / cols, h / rows,
                                        fill=False, edgecolor=colour, lw=1.5))
             ax.text(x, y, str(k + 1), color="white", ha="center", va="center", fontsize=7,
                     bbox={"facecolor": colour, "alpha": 0.7, "pad": 1, "edgecolor": "none"})

@@ -26,6 +26,20 @@ def _check_labels(labels: torch.Tensor, n: int, what: str, features: str) -> tor
     return labels.long()
 
 
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_finite(features: torch.Tensor, name: str) -> None:
+    """One NaN row wins or loses every vote it takes part in: refuse it instead."""
+    if not features.dtype.is_floating_point:
+        return
+    bad = ~torch.isfinite(features).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        raise ValueError(f"{name} has {rows.numel()} rows with NaN or inf values (first: row "
+                         f"{int(rows[0])}); features must be finite")
+
+
 @torch.no_grad()
 def knn_classify(
     train_features: torch.Tensor,
@@ -81,6 +95,9 @@ def knn_classify(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(f).__name__}")
         if f.ndim != 2:
             raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(f.shape)}")
+        if not (f.dtype.is_floating_point or f.dtype in _INTEGER_DTYPES):
+            raise TypeError(f"{name} must hold real numbers, got dtype {f.dtype}")
+        _check_finite(f, name)
     n_train, dim = train_features.shape
     n_test = test_features.shape[0]
     if test_features.shape[1] != dim:

@@ -101,23 +101,56 @@ def _as_index_array(value: Any, what: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _in_database(value: Any, db_size: int, what: str) -> np.ndarray:
+    arr = _as_index_array(value, what)
+    if arr.size and (arr.min() < 0 or arr.max() >= db_size):
+        raise ValueError(f"{what} holds indices outside the database [0, {db_size}): "
+                         f"{arr[(arr < 0) | (arr >= db_size)].tolist()}")
+    return arr
+
+
+def _check_columns_distinct(ranks: np.ndarray) -> None:
+    """A ranking lists each database image once; a repeat counts a positive twice."""
+    if ranks.shape[0] < 2:
+        return
+    ordered = np.sort(ranks, axis=0)
+    repeats = (ordered[1:] == ordered[:-1]).any(axis=0)
+    if repeats.any():
+        q = int(np.flatnonzero(repeats)[0])
+        raise ValueError(
+            f"ranks: column {q} lists a database index more than once; each column must rank "
+            "each database image at most once (an array laid out (n_queries, db_size) must be "
+            "passed as ranks.T)"
+        )
+
+
 def compute_map(
     ranks: np.ndarray | torch.Tensor,
     gnd: Sequence[Mapping[str, Any]],
     kappas: Sequence[int] = (),
+    *,
+    db_size: int | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """Mean average precision of the revisited Oxford/Paris protocol.
 
     Parameters
     ----------
-    ranks : array of int, shape ``(db_size, n_queries)``
-        Column ``q`` holds the 0-based database indices sorted from the most to
-        the least similar to query ``q``.
+    ranks : array of int, shape ``(n_ranked, n_queries)``
+        Column ``q`` holds 0-based database indices sorted from the most to the
+        least similar to query ``q``, each index at most once. The layout is
+        revisitop's and is not guessed: rows are rank positions, columns are
+        queries (``ranks.shape[1]`` must equal ``len(gnd)``). An array laid out
+        ``(n_queries, db_size)`` must be passed as ``ranks.T``; given square and
+        transposed, its columns repeat indices and it is refused.
     gnd : sequence of mappings, length ``n_queries``
-        For each query, ``"ok"`` (positive database indices) and optionally
-        ``"junk"`` (indices removed from the ranking before scoring).
+        For each query, ``"ok"`` (positive database indices, no repeats) and
+        optionally ``"junk"`` (indices removed from the ranking before scoring).
     kappas : sequence of int
         Positive cut-offs for the mean precision at k.
+    db_size : int, optional
+        Number of database images; every index must lie in ``[0, db_size)``.
+        Default ``n_ranked``: every column ranks the whole database. Pass it for a
+        truncated ranking (positives never ranked still count in the recall).
 
     Returns
     -------
@@ -134,7 +167,8 @@ def compute_map(
     ------
     ValueError
         If ``gnd`` is empty, its length differs from ``ranks.shape[1]``, a kappa
-        is not positive, an index is negative, or no query has positives.
+        is not positive, an index lies outside ``[0, db_size)``, a column of
+        ``ranks`` or an ``"ok"`` list repeats an index, or no query has positives.
 
     Examples
     --------
@@ -150,8 +184,6 @@ def compute_map(
         raise ValueError(f"ranks must be 2-D (db_size, n_queries), got shape {ranks.shape}")
     if ranks.size and not np.issubdtype(ranks.dtype, np.integer):
         raise TypeError(f"ranks must hold integer database indices, got dtype {ranks.dtype}")
-    if ranks.size and ranks.min() < 0:
-        raise ValueError("ranks must hold non-negative (0-based) database indices")
     if isinstance(gnd, Mapping) or not isinstance(gnd, Sequence):
         raise TypeError(f"gnd must be a list of dicts with 'ok' and 'junk', got {type(gnd).__name__}")
     nq = len(gnd)
@@ -164,6 +196,17 @@ def compute_map(
     kappas = [int(k) for k in kappas]
     if any(k <= 0 for k in kappas):
         raise ValueError(f"kappas must be positive integers, got {kappas}")
+    if db_size is None:
+        db_size = ranks.shape[0]
+    elif not isinstance(db_size, (int, np.integer)) or isinstance(db_size, bool):
+        raise TypeError(f"db_size must be an int, got {type(db_size).__name__}")
+    elif db_size < ranks.shape[0]:
+        raise ValueError(f"db_size ({db_size}) is smaller than the {ranks.shape[0]} ranked rows")
+    if ranks.size and (ranks.min() < 0 or ranks.max() >= db_size):
+        raise ValueError(f"ranks must hold non-negative database indices below {db_size}, got "
+                         f"values in [{ranks.min()}, {ranks.max()}] (pass db_size= for a "
+                         "truncated ranking)")
+    _check_columns_distinct(ranks)
 
     aps = np.zeros(nq)
     prs = np.zeros((nq, len(kappas)))
@@ -174,12 +217,14 @@ def compute_map(
     for q, entry in enumerate(gnd):
         if not isinstance(entry, Mapping) or "ok" not in entry:
             raise TypeError(f"gnd[{q}] must be a dict with an 'ok' index list")
-        ok = _as_index_array(entry["ok"], f"gnd[{q}]['ok']")
+        ok = _in_database(entry["ok"], db_size, f"gnd[{q}]['ok']")
+        if np.unique(ok).size != ok.size:
+            raise ValueError(f"gnd[{q}]['ok'] lists a database index more than once: {ok.tolist()}")
         if ok.size == 0:
             aps[q] = np.nan
             prs[q, :] = np.nan
             continue
-        junk = _as_index_array(entry.get("junk", ()), f"gnd[{q}]['junk']")
+        junk = _in_database(entry.get("junk", ()), db_size, f"gnd[{q}]['junk']")
         column = ranks[:, q]
         pos = positions[np.isin(column, ok)]
         junk_pos = positions[np.isin(column, junk)]

@@ -50,3 +50,31 @@ def test_bad_input():
         draw_matches(torch.rand(3, 8, 8), torch.rand(3, 8, 8), 2, 2, [(0, 0)])
     with pytest.raises(ValueError, match="image_a"):
         draw_matches(torch.rand(8, 8), torch.rand(3, 8, 8), 2, 2, match_patches((0, 0, 8, 8), (0, 0, 8, 8), 2, 2))
+
+
+def test_no_figure_is_left_open_and_the_figure_saves(tmp_path):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    m = match_patches((0, 0, 32, 32), (8, 8, 24, 24), 4, 2)
+    for _ in range(11):
+        fig = draw_matches(torch.rand(3, 32, 32), torch.rand(3, 16, 16), 4, 2, m)
+    assert plt.get_fignums() == before  # pyplot holds none of them
+    fig.savefig(tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_a_match_for_other_grids_is_refused():
+    m = match_patches((0, 0, 32, 32), (8, 8, 24, 24), 4, 2)  # 1 + 2 x 2 slots
+    with pytest.raises(ValueError, match="other grids"):
+        draw_matches(torch.rand(3, 32, 32), torch.rand(3, 16, 16), 8, 4, m)  # 1 + 4 x 4 slots
+    # same slot count (min grids 2 x 2), but view a's tokens run past a 2 x 2 grid
+    with pytest.raises(ValueError, match="grid_a"):
+        draw_matches(torch.rand(3, 32, 32), torch.rand(3, 16, 16), 2, 2, m)
+
+
+def test_without_cls_every_slot_is_a_patch_pair():
+    m = match_patches((0, 0, 32, 32), (0, 0, 32, 32), 2, 2, cls=False)  # token 0 = patch (0, 0)
+    fig = draw_matches(torch.rand(3, 32, 32), torch.rand(3, 32, 32), 2, 2, m)
+    assert _labels(fig.axes[0]) == ["1", "2", "3", "4"]
+    assert fig.axes[0].texts[0].get_position() == (8.0, 8.0)

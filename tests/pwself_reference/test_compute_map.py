@@ -48,19 +48,19 @@ def test_junk_is_removed_from_the_ranking():
 
 def test_junk_between_positives_only_shifts_later_ones():
     # ranking 5 9 7 6 8: ok {5, 6}, junk {9, 7}: 5 stays at 0, 6 moves from 3 to 1
-    m, _, _, _ = compute_map(col(5, 9, 7, 6, 8), [{"ok": [5, 6], "junk": [9, 7]}])
+    m, _, _, _ = compute_map(col(5, 9, 7, 6, 8), [{"ok": [5, 6], "junk": [9, 7]}], db_size=10)
     assert m == pytest.approx(1.0)
 
 
 def test_positive_missing_from_a_truncated_ranking_counts_in_recall():
     # only 2 of the database images are ranked; 5 is never retrieved
-    m, _, pr, prs = compute_map(col(0, 1), [{"ok": [1, 5], "junk": []}], kappas=[1, 2])
+    m, _, pr, prs = compute_map(col(0, 1), [{"ok": [1, 5], "junk": []}], kappas=[1, 2], db_size=6)
     assert m == pytest.approx((0 + 1 / 2) / 2 / 2)
     assert prs.tolist() == [[0.0, 0.5]]
 
 
 def test_no_positive_retrieved_gives_zero_ap_and_precision():
-    m, aps, pr, _ = compute_map(col(0, 1), [{"ok": [7], "junk": []}], kappas=[1, 5])
+    m, aps, pr, _ = compute_map(col(0, 1), [{"ok": [7], "junk": []}], kappas=[1, 5], db_size=8)
     assert m == 0.0 and aps.tolist() == [0.0] and pr.tolist() == [0.0, 0.0]
 
 
@@ -123,11 +123,43 @@ def test_bad_input_raises_value_error(ranks, gnd, kappas, match):
         compute_map(ranks, gnd, kappas)
 
 
+@pytest.mark.parametrize(
+    ("ranks", "gnd", "db_size", "match"),
+    [
+        # a ranking that lists image 0 three times scored an mAP of 2.0
+        (np.array([[0], [0], [0], [3]]), [{"ok": [0, 3]}], None, r"ranks: column 0 .* more than once"),
+        # a (queries, db) array passed as it is: its columns repeat the top hits
+        (np.array([[0, 1, 2], [0, 2, 1], [1, 0, 2]]), [{"ok": [0]}] * 3, None, "ranks.T"),
+        (np.arange(4)[:, None], [{"ok": [-1]}], None, r"gnd\[0\]\['ok'\] .*outside the database \[0, 4\)"),
+        (np.arange(4)[:, None], [{"ok": [9]}], None, r"gnd\[0\]\['ok'\] .*\[9\]"),
+        (np.arange(4)[:, None], [{"ok": [9]}], 6, r"gnd\[0\]\['ok'\] .*\[0, 6\)"),
+        (np.arange(4)[:, None], [{"ok": [1], "junk": [4]}], None, r"gnd\[0\]\['junk'\]"),
+        (np.arange(4)[:, None], [{"ok": [0, 0]}], None, r"gnd\[0\]\['ok'\] lists .* more than once"),
+        (np.arange(4)[:, None], [{"ok": [0]}], 3, "db_size"),
+        (np.array([[0], [5]]), [{"ok": [0]}], None, r"ranks .*below 2.*db_size"),
+    ],
+)
+def test_inputs_that_scored_silently_now_raise(ranks, gnd, db_size, match):
+    with pytest.raises(ValueError, match=match):
+        compute_map(ranks, gnd, db_size=db_size)
+
+
+def test_transposed_square_ranks_are_told_apart_by_repeats():
+    # database of 3, 3 queries: (db, queries) scores, the transpose is refused
+    ranks = np.array([[0, 1, 2], [1, 2, 0], [2, 0, 1]])  # a Latin square is the one blind spot
+    compute_map(ranks, [{"ok": [0]}] * 3)
+    by_query = np.array([[0, 1, 2], [1, 0, 2]])  # (2 queries, 3 images)
+    with pytest.raises(ValueError, match="3 query columns"):
+        compute_map(by_query, [{"ok": [0]}] * 2)
+    m, _, _, _ = compute_map(by_query.T, [{"ok": [0]}, {"ok": [1]}])
+    assert m == 1.0
+
+
 def test_bad_types_raise_type_error():
     with pytest.raises(TypeError, match="integer"):
         compute_map(np.zeros((2, 1)), [{"ok": [0]}])
     with pytest.raises(TypeError, match="'ok'"):
-        compute_map(np.zeros((2, 1), dtype=int), [{"positives": [0]}])
+        compute_map(np.arange(2)[:, None], [{"positives": [0]}])
     with pytest.raises(TypeError, match="list of dicts"):
         compute_map(np.zeros((2, 1), dtype=int), {"ok": [0]})
 
@@ -177,14 +209,14 @@ def retrieval_problems(draw):
         gnd[0]["ok"] = [draw(st.sampled_from(db_ids))]
         gnd[0]["junk"] = [j for j in gnd[0]["junk"] if j not in gnd[0]["ok"]]
     ranks = np.array(columns, dtype=np.int64).T
-    return ranks[:truncate], gnd
+    return ranks[:truncate], gnd, len(db_ids)
 
 
 @given(retrieval_problems(), st.lists(st.integers(1, 12), max_size=3))
 @settings(max_examples=60)
 def test_agrees_with_independent_implementation(problem, kappas):
-    ranks, gnd = problem
-    m, aps, pr, prs = compute_map(ranks, gnd, kappas)
+    ranks, gnd, db_size = problem
+    m, aps, pr, prs = compute_map(ranks, gnd, kappas, db_size=db_size)
     used, ap_sum, pr_sum = 0, 0.0, np.zeros(len(kappas))
     for q, g in enumerate(gnd):
         if not g["ok"]:
