@@ -4,6 +4,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
+# docs/scripts holds the results-include directive (benchmark results shown from their files)
+sys.path.insert(0, os.path.abspath("scripts"))
 
 project = "patchaug"
 author = "patchaug developers"
@@ -15,6 +17,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "sphinx.ext.mathjax",
+    "results_include",
 ]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
