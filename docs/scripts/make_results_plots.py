@@ -14,11 +14,14 @@ Reads ``benchmarks/results/*.json`` and writes, next to them:
   CPU with 2 threads and with 1 (``patch_jitter_gpu.json`` records no engine:
   it predates the Triton kernel, so it is left out);
 * ``reproduction_arms.png``: the Fashion-MNIST reproduction, each arm's k-NN and
-  linear accuracy minus DINO's with the same seed, one dot per seed, mean ± std.
+  linear accuracy minus DINO's with the same seed, one dot per seed, mean ± std;
+* ``gpu_throughput.png``: training images/s (and the ratio to DINO's time per
+  image) and peak memory on a GPU, per architecture and configuration.
 
 Every number drawn is read from a JSON file a benchmark wrote; nothing is typed
 in here except the 100x goal line of the matching plot. The PNGs are committed
-and the docs show them (``docs/guides/benchmarks.rst``); rerun this after a
+and the docs show them (``docs/guides/benchmarks.rst``, ``reproducing.rst``,
+``patch_matching.rst``); rerun this after a
 benchmark rewrites its JSON. ``benchmarks/results/reproduction.png`` (per-epoch
 k-NN curves) and ``training_cost.png`` are drawn by their own benchmarks.
 """
@@ -218,10 +221,53 @@ def plot_reproduction_arms(results: Path) -> Path | None:
     return _save(fig, results / "reproduction_arms.png")
 
 
+def plot_gpu_throughput(results: Path) -> Path | None:
+    """Training images/s and peak memory on a GPU, per architecture and configuration."""
+    data = _load(results, "gpu_throughput.json")
+    if data is None:
+        return None
+    rows = data["results"]
+    archs = list(dict.fromkeys(f"{r['arch']}/{r['patch_size']}" for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    by_key = {(f"{r['arch']}/{r['patch_size']}", r["config"]): r for r in rows}
+    fig, (ax_ips, ax_mem) = plt.subplots(1, 2, figsize=(10, 3.4))
+    width = 0.8 / len(configs)
+    for c, config in enumerate(configs):
+        xs = [a + (c - (len(configs) - 1) / 2) * width for a in range(len(archs))]
+        present = [(x, by_key[(arch, config)]) for x, arch in zip(xs, archs)
+                   if (arch, config) in by_key]
+        ips = ax_ips.bar([x for x, _ in present], [r["images_per_s"] for _, r in present],
+                         width * 0.9, label=config)
+        for bar, (_, r) in zip(ips, present):
+            dino = by_key.get((f"{r['arch']}/{r['patch_size']}", "dino"))
+            note = f"{dino['images_per_s'] / r['images_per_s']:.2f}x" if dino else ""
+            ax_ips.annotate(f"{r['images_per_s']:.0f}\n{note}",
+                            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
+        mem = ax_mem.bar([x for x, _ in present], [r["peak_memory_gib"] for _, r in present],
+                         width * 0.9, label=config)
+        ax_mem.bar_label(mem, fmt="%.1f", fontsize=7)
+    meta = data.get("meta", {})
+    for ax, label in ((ax_ips, "training images / s (x DINO's time per image)"),
+                      (ax_mem, "peak GPU memory (GiB)")):
+        ax.set_xticks(range(len(archs)), archs)
+        ax.set_ylabel(label, fontsize=8)
+        ax.margins(y=0.2)
+        ax.grid(axis="y", alpha=0.3)
+    _legend_below(ax_ips, ncol=len(configs), offset=0.12)
+    batches = sorted({r["batch"] for r in rows})
+    fig.suptitle(f"Training throughput on {meta.get('device_name', 'a GPU')} "
+                 f"({meta.get('precision', '?')}, batch {'/'.join(map(str, batches))}, "
+                 f"out_dim {rows[0]['out_dim']}, crops {rows[0]['crops']})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, results / "gpu_throughput.png")
+
+
 PLOTS = {
     "matching": plot_matching,
     "patch_jitter": plot_patch_jitter,
     "reproduction": plot_reproduction_arms,
+    "gpu_throughput": plot_gpu_throughput,
 }
 
 
