@@ -368,6 +368,9 @@ class BatchedRandomResizedCrop(nn.Module):
         self.scale = _check_range(scale, "scale")
         self.ratio = _check_range(ratio, "ratio")
         self.flip_p = _check_prob(flip_p, "flip_p")
+        if not isinstance(shared, bool):
+            raise TypeError(f"shared must be a bool, got {type(shared).__name__}")
+        _check_mode(mode)
         self.shared = shared
         self.mode = mode
 

@@ -251,7 +251,7 @@ def boxes_from_kornia(
     """
     if not isinstance(flip_first, bool):
         raise TypeError(f"flip_first must be a bool, got {type(flip_first).__name__}")
-    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+    if isinstance(skip, str) or not isinstance(skip, Collection) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"skip must be a collection of class names, got {skip!r}")
     if isinstance(params, Mapping):
         if flip_params is not None and not isinstance(flip_params, Mapping):

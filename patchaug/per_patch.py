@@ -91,6 +91,8 @@ class PerPatch(IntensityAugmentationBase2D):
         p: float = 1.0,
         keepdim: bool = True,
     ) -> None:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"p: expected a probability in [0, 1], got {p!r}")
         super().__init__(p=p, p_batch=1.0, same_on_batch=False, keepdim=keepdim)
         if not augs:
             raise TypeError("augs: expected at least one Kornia intensity augmentation")
