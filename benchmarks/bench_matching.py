@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from patchaug import match_patches, patch_centres, sample_crop_boxes
+from patchaug import match_patches, match_view_pairs, patch_centres, sample_crop_boxes
 
 B, N_LOCAL, DIM = 64, 8, 384
 GLOBAL_GRID, LOCAL_GRID = (14, 14), (6, 6)
@@ -47,13 +47,14 @@ def draw_step(batch: int, generator: torch.Generator):
     return glob, local, flips_g, flips_l
 
 
-def match_step(glob, local, flips_g, flips_l, rule="half"):
+def match_step(glob, local, flips_g, flips_l, rule="half", engine="auto"):
     """All 18 teacher-student pairs of one step with two batched calls."""
     # teacher view i (global) vs student global view j != i
-    gg = match_patches(glob, glob.flip(0), GLOBAL_GRID, GLOBAL_GRID, flips_g, flips_g.flip(0), rule=rule)
+    gg = match_patches(glob, glob.flip(0), GLOBAL_GRID, GLOBAL_GRID, flips_g, flips_g.flip(0),
+                       rule=rule, engine=engine)
     # teacher view i vs every local view: (2, 8, B)
     gl = match_patches(glob[:, None], local[None], GLOBAL_GRID, LOCAL_GRID,
-                       flips_g[:, None], flips_l[None], rule=rule)
+                       flips_g[:, None], flips_l[None], rule=rule, engine=engine)
     return gg, gl
 
 
@@ -171,9 +172,21 @@ def device_timing(device: str, repeat: int) -> dict:
     glob, local, fg, fl = (t.to(dev) for t in draw_step(B, g))
     tokens_g, tokens_l = draw_tokens(g, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
-    timing = {f"match_patches[{rule}]": timeit(lambda r=rule: match_step(glob, local, fg, fl, r),
-                                               repeat, warmup=5, sync=sync)
-              for rule in ("half", "official", "centre")}
+    # all 10 views at once for match_view_pairs: (V, B, 4), every teacher-student pair
+    boxes, flips = torch.cat([glob, local]), torch.cat([fg, fl])
+    grids = [GLOBAL_GRID] * 2 + [LOCAL_GRID] * N_LOCAL
+    pairs = [(i, j) for i in range(2) for j in range(2 + N_LOCAL) if j != i]
+    timing = {}
+    for rule in ("half", "official", "centre"):
+        # default engine: the fused Triton kernel on CUDA (two launches: global-global, global-local)
+        timing[f"match_patches[{rule}]"] = timeit(lambda r=rule: match_step(glob, local, fg, fl, r),
+                                                  repeat, warmup=5, sync=sync)
+        timing[f"match_view_pairs[{rule}]"] = timeit(
+            lambda r=rule: match_view_pairs(boxes, flips, grids, pairs, rule=r), repeat,
+            warmup=5, sync=sync)
+        timing[f"match_patches[{rule}], torch engine"] = timeit(
+            lambda r=rule: match_step(glob, local, fg, fl, r, engine="torch"), repeat, warmup=5,
+            sync=sync)
     with torch.no_grad():
         for name, fn in BASELINES.items():
             timing[name] = timeit(lambda f=fn: f(tokens_g, tokens_l), repeat, warmup=5, sync=sync)

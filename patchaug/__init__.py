@@ -1,6 +1,8 @@
 """patchaug: building blocks for patch-wise self-supervised learning.
 
-- :func:`match_patches`: which tokens of two crops show the same source pixels;
+- :func:`match_patches`: which tokens of two crops show the same source pixels
+  (:func:`match_view_pairs`: every pair of views of a multi-crop step at once, one fused
+  kernel launch on CUDA);
   :func:`boxes_from_kornia` gives its boxes and flips for Kornia crop pipelines.
 - :class:`RandomResizedCropWithBox` (a torchvision v2 transform) /
   :func:`batched_random_resized_crop`: crops that report their boxes and flips; the box is a
@@ -22,7 +24,7 @@ from .crops import (
     sample_crop_boxes,
 )
 from .kornia_boxes import boxes_from_kornia
-from .matching import RULES, PatchMatch, match_patches, patch_centres
+from .matching import RULES, PatchMatch, match_patches, match_view_pairs, patch_centres
 from .operators import OPERATORS, PatchOp
 from .patch_jitter import PatchJitter, PatchJitterParams
 from .per_patch import PerPatch
@@ -46,6 +48,7 @@ __all__ = [
     "boxes_from_kornia",
     "draw_matches",
     "match_patches",
+    "match_view_pairs",
     "patch_centres",
     "resized_crop_boxes",
     "sample_crop_boxes",

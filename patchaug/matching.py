@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PatchMatch", "match_patches", "patch_centres", "RULES"]
+__all__ = ["PatchMatch", "match_patches", "match_view_pairs", "patch_centres", "RULES"]
 
 RULES = ("half", "official", "centre")
 
@@ -736,6 +736,7 @@ def match_patches(
     *,
     rule: str = "half",
     cls: bool = True,
+    engine: str = "auto",
 ) -> PatchMatch:
     """Pairs of tokens of two views that show the same part of the source image.
 
@@ -754,15 +755,18 @@ def match_patches(
         Coverage and pairing rule, see the module docstring.
     cls : bool
         Prepend the (CLS, CLS) pair and number patches from 1.
+    engine : {"auto", "numpy", "torch", "triton"}
+        Which engine computes it (see "Engines" in the module docstring); all give the
+        same result. ``"auto"``: numpy for CPU boxes (or no tensors), the fused Triton
+        kernel for CUDA boxes when Triton is installed, torch otherwise.
 
     Returns
     -------
     PatchMatch
         ``idx_a``, ``idx_b`` (int64) and ``valid`` (bool) of shape ``(..., M)`` with
-        ``M = cls + min(rows_a, rows_b) * min(cols_a, cols_b)``, on the boxes' device.
-        Computed without loops over samples and without host-device syncs beyond
-        input validation (for CPU boxes, on the numpy engine: same results, less
-        overhead; see "Engines" in the module docstring). The pairs are exactly those
+        ``M = cls + min(rows_a, rows_b) * min(cols_a, cols_b)``, on the boxes' device
+        (on the CPU for the numpy engine). Computed without loops over samples and
+        without host-device syncs beyond input validation. The pairs are exactly those
         of :func:`match_patches_reference`.
 
     Examples
@@ -773,19 +777,141 @@ def match_patches(
     >>> int(m.num_valid)
     50
     """
-    engine = _match_numpy if _numpy_eligible(box_a, box_b) else _match_torch
-    return engine(box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule=rule, cls=cls)
+    run = _ENGINES.get(_pick_engine(engine, box_a, box_b)) if isinstance(engine, str) else None
+    if run is None:
+        raise ValueError(f"engine must be one of {tuple(['auto', *_ENGINES])}, got {engine!r}")
+    return run(box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule=rule, cls=cls)
+
+
+def match_view_pairs(
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    grids: Sequence[tuple[int, int] | int],
+    pairs: Sequence[tuple[int, int]],
+    *,
+    rule: str = "half",
+    cls: bool = True,
+    engine: str = "auto",
+) -> dict[tuple[int, int], PatchMatch]:
+    """:func:`match_patches` for several pairs of views of one batch at once.
+
+    A multi-crop step matches every teacher view with every other view; this computes
+    them together: on CUDA in one launch of the fused Triton kernel, elsewhere in one
+    batched call per pair of grids.
+
+    Parameters
+    ----------
+    boxes : torch.Tensor
+        ``(V, B, 4)`` crop boxes ``(x0, y0, x1, y1)`` of ``V`` views of ``B`` images.
+    flips : torch.Tensor
+        ``(V, B)`` bool, whether each view was mirrored.
+    grids : sequence of (int, int) or int
+        ``(rows, cols)`` patch grid of each of the ``V`` views.
+    pairs : sequence of (int, int)
+        ``(i, j)`` views to match, ``i`` as side a.
+    rule, cls, engine
+        As :func:`match_patches`.
+
+    Returns
+    -------
+    dict
+        ``{(i, j): PatchMatch}`` in the order of ``pairs``, with ``(B, M)`` tensors, each
+        equal to ``match_patches(boxes[i], boxes[j], grids[i], grids[j], flips[i], flips[j])``.
+
+    Examples
+    --------
+    >>> boxes = torch.tensor([[[0., 0, 224, 224]], [[0, 0, 112, 112]], [[112, 112, 224, 224]]])
+    >>> m = match_view_pairs(boxes, torch.zeros(3, 1, dtype=torch.bool), [14, 7, 7],
+    ...                      [(0, 1), (0, 2)])
+    >>> sorted(m), int(m[(0, 1)].num_valid[0]), m[(0, 2)].idx_a[0, 1:3].tolist()
+    ([(0, 1), (0, 2)], 50, [106, 107])
+    """
+    if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4:
+        raise ValueError("boxes must be a (V, B, 4) tensor, got "
+                         f"{tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__}")
+    n_views, batch = boxes.shape[0], boxes.shape[1]
+    if not isinstance(flips, torch.Tensor) or flips.dtype != torch.bool:
+        raise TypeError(f"flips must be a bool tensor, got {getattr(flips, 'dtype', type(flips).__name__)}")
+    if tuple(flips.shape) != (n_views, batch):
+        raise ValueError(f"flips must have shape (V, B) = {(n_views, batch)}, got {tuple(flips.shape)}")
+    if isinstance(grids, str | bytes) or not isinstance(grids, Sequence) or len(grids) != n_views:
+        raise ValueError(f"grids must hold one (rows, cols) per view ({n_views}), got {grids!r}")
+    grid = tuple(_as_grid(g, f"grids[{v}]") for v, g in enumerate(grids))
+    checked = []
+    for pair in pairs:
+        if (not isinstance(pair, Sequence) or len(pair) != 2
+                or not all(isinstance(v, numbers.Integral) and 0 <= v < n_views for v in pair)):
+            raise ValueError(f"pairs must hold (i, j) view indices in [0, {n_views}), got {pair!r}")
+        checked.append((int(pair[0]), int(pair[1])))
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if not isinstance(cls, bool):
+        raise TypeError(f"cls must be a bool, got {type(cls).__name__}")
+    chosen = _pick_engine(engine, boxes, None)
+    if chosen not in _ENGINES:
+        raise ValueError(f"engine must be one of {tuple(['auto', *_ENGINES])}, got {engine!r}")
+    if chosen == "triton":
+        return _view_pairs_triton(boxes, flips, grid, checked, rule, cls)
+    # one batched call per pair of grids: the pairs' boxes stacked, (pairs, B, 4)
+    out: dict[tuple[int, int], PatchMatch] = {}
+    groups: dict[tuple[tuple[int, int], tuple[int, int]], list[tuple[int, int]]] = {}
+    for i, j in checked:
+        groups.setdefault((grid[i], grid[j]), []).append((i, j))
+    for (grid_a, grid_b), group in groups.items():
+        side_a = torch.tensor([i for i, _ in group], device=boxes.device)
+        side_b = torch.tensor([j for _, j in group], device=boxes.device)
+        m = match_patches(boxes[side_a], boxes[side_b], grid_a, grid_b, flips[side_a],
+                          flips[side_b], rule=rule, cls=cls, engine=chosen)
+        for k, key in enumerate(group):
+            out[key] = PatchMatch(m.idx_a[k], m.idx_b[k], m.valid[k])
+    return {key: out[key] for key in checked}
+
+
+def _view_pairs_triton(boxes, flips, grid, pairs, rule: str, cls: bool):
+    from . import triton_engine
+    from .matching_triton import match_pairs_triton
+
+    if not triton_engine.triton_available(boxes.device):
+        raise RuntimeError(f"engine='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1), "
+                           f"got boxes on {boxes.device}")
+    if boxes.dtype == torch.bool or boxes.is_complex():
+        raise TypeError(f"boxes must hold real numbers, got dtype {boxes.dtype}")
+    _check_box_values(_TorchOps, boxes.detach().to(_work_dtype(boxes.device)), "boxes")
+    idx_a, idx_b, valid = match_pairs_triton(boxes, flips, grid, pairs, rule, cls)
+    out = {}
+    for p, (i, j) in enumerate(pairs):
+        m_len = cls + min(grid[i][0], grid[j][0]) * min(grid[i][1], grid[j][1])
+        out[(i, j)] = PatchMatch(idx_a[p, :, :m_len], idx_b[p, :, :m_len], valid[p, :, :m_len])
+    return out
 
 
 # --------------------------------------------------------------------------- engines
 
 
-def _numpy_eligible(box_a: object, box_b: object) -> bool:
-    """Whether :func:`match_patches` runs on the numpy engine: the boxes' device (that of
-    ``box_a`` if it is a tensor, else of ``box_b``, else none) is the CPU or none."""
-    device = (box_a.device if isinstance(box_a, torch.Tensor)
-              else box_b.device if isinstance(box_b, torch.Tensor) else None)
-    return device is None or device.type == "cpu"
+def _boxes_device(box_a: object, box_b: object) -> torch.device | None:
+    """The device of ``box_a`` if it is a tensor, else of ``box_b``, else ``None``."""
+    return (box_a.device if isinstance(box_a, torch.Tensor)
+            else box_b.device if isinstance(box_b, torch.Tensor) else None)
+
+
+def _pick_engine(engine: object, box_a: object, box_b: object) -> object:
+    """The engine ``"auto"`` stands for: numpy for CPU boxes (or none), Triton on CUDA when it
+    compiles there, torch on every other device."""
+    if engine != "auto":
+        return engine
+    device = _boxes_device(box_a, box_b)
+    if device is None or device.type == "cpu":
+        return "numpy"
+    if device.type == "cuda" and _triton_compiles(device):
+        return "triton"
+    return "torch"
+
+
+def _triton_compiles(device: torch.device) -> bool:
+    """Whether Triton compiles for ``device`` (not just interprets: the interpreter is for tests)."""
+    from . import triton_engine
+
+    return triton_engine.triton_available(device) and not triton_engine._interpreting()
 
 
 def _match_numpy(box_a, box_b, grid_a, grid_b, flip_a=False, flip_b=False, *, rule="half",
@@ -800,20 +926,43 @@ def _match_torch(box_a, box_b, grid_a, grid_b, flip_a=False, flip_b=False, *, ru
     return _match_batched(_TorchOps, box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule, cls)
 
 
-def _match_batched(xp, box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule: str,
-                   cls: bool) -> PatchMatch:
-    """The batched algorithm on the array ops ``xp`` (``_NumpyOps`` or ``_TorchOps``),
-    input validation included, so both engines raise the same errors."""
+def _match_triton(box_a, box_b, grid_a, grid_b, flip_a=False, flip_b=False, *, rule="half",
+                  cls=True) -> PatchMatch:
+    """:func:`match_patches` on the fused Triton kernel (:mod:`patchaug.matching_triton`):
+    one launch, outputs on the boxes' device. Validates like the other engines."""
+    from . import triton_engine
+    from .matching_triton import match_pairs_triton
+
+    rows_a, cols_a, rows_b, cols_b, ba, bb, fa, fb, batch = _validated(
+        box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule, cls)
+    if not triton_engine.triton_available(ba.device):
+        raise RuntimeError(f"engine='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1), "
+                           f"got boxes on {ba.device}")
+    size = math.prod(batch)
+    boxes = torch.stack([ba.expand(*batch, 4).reshape(size, 4), bb.expand(*batch, 4).reshape(size, 4)])
+    flips = torch.stack([fa.expand(batch).reshape(size), fb.expand(batch).reshape(size)])
+    _check_box_values(_TorchOps, ba, "box_a")
+    _check_box_values(_TorchOps, bb, "box_b")
+    idx_a, idx_b, valid = match_pairs_triton(boxes, flips, ((rows_a, cols_a), (rows_b, cols_b)),
+                                             ((0, 1),), rule, cls)
+    slots = valid.shape[-1]
+    return PatchMatch(idx_a=idx_a.view(*batch, slots), idx_b=idx_b.view(*batch, slots),
+                      valid=valid.view(*batch, slots))
+
+
+_ENGINES = {"numpy": _match_numpy, "torch": _match_torch, "triton": _match_triton}
+
+
+def _validated(box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule: str, cls: bool, xp=_TorchOps):
+    """Arguments of :func:`match_patches` checked and converted (values not yet checked):
+    grids, boxes ``(..., 4)`` in the work dtype, flips, and the broadcast batch shape."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not isinstance(cls, bool):
         raise TypeError(f"cls must be a bool, got {type(cls).__name__}")
     rows_a, cols_a = _as_grid(grid_a, "grid_a")
     rows_b, cols_b = _as_grid(grid_b, "grid_b")
-
-    device = (None if xp is _NumpyOps else box_a.device if isinstance(box_a, torch.Tensor)
-              else box_b.device if isinstance(box_b, torch.Tensor) else None)
-    # the values are checked below, at once for both, on their widths
+    device = None if xp is _NumpyOps else _boxes_device(box_a, box_b)
     ba = _as_boxes(box_a, "box_a", device, xp, check=False)
     dev = torch.device("cpu") if xp is _NumpyOps else ba.device
     bb = _as_boxes(box_b, "box_b", dev, xp, check=False)
@@ -830,6 +979,17 @@ def _match_batched(xp, box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule: str,
             f"broadcastable leading shapes, got {tuple(ba.shape)}, {tuple(bb.shape)}, "
             f"{tuple(fa.shape)}, {tuple(fb.shape)}"
         ) from err
+    return rows_a, cols_a, rows_b, cols_b, ba, bb, fa, fb, batch
+
+
+def _match_batched(xp, box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule: str,
+                   cls: bool) -> PatchMatch:
+    """The batched algorithm on the array ops ``xp`` (``_NumpyOps`` or ``_TorchOps``),
+    input validation included, so both engines raise the same errors."""
+    # the box values are checked below, at once for both, on their widths
+    rows_a, cols_a, rows_b, cols_b, ba, bb, fa, fb, batch = _validated(
+        box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule, cls, xp)
+    dev = ba.device if xp is _TorchOps else torch.device("cpu")
     max_rows, max_cols = min(rows_a, rows_b), min(cols_a, cols_b)
     consts = _grid_consts(cols_a, rows_a, cols_b, rows_b, dev, _work_dtype(dev), xp is _NumpyOps)
     size = math.prod(batch)

@@ -6,6 +6,8 @@
 #   bash scripts/gpu_checks.sh            # everything (needs torch with CUDA, kornia, timm, pytest)
 #   bash scripts/gpu_checks.sh jitter     # only PatchJitter: its device tests and GPU benchmark
 #                                         # (fits one 10-minute call of a lent GPU)
+#   bash scripts/gpu_checks.sh matching   # only matching: its device tests (Triton engine, one
+#                                         # compile) and the GPU step benchmark (a few minutes)
 set -u -o pipefail
 PART=${1:-all}
 OUT=${OUT:-$PWD/gpu_out}
@@ -18,6 +20,8 @@ $PY -c "import torch, kornia, timm; print('torch', torch.__version__, 'kornia', 
 status=0
 if [ "$PART" = jitter ]; then
     tests=tests/device/test_patch_jitter_on_device.py
+elif [ "$PART" = matching ]; then
+    tests=tests/device/test_matching_on_device.py
 else
     tests=tests/device
 fi
@@ -25,15 +29,17 @@ echo "== device tests ($tests)"
 timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -q -p no:cacheprovider -x --durations=5 "$tests" \
     2>&1 | tee "$OUT/device_tests.log" | tail -25 || status=1
 {
-if [ "$PART" != jitter ]; then
+if [ "$PART" = all ]; then
     echo "== training throughput (issue 6)"
     timeout "${THROUGHPUT_TIMEOUT:-300}" $PY benchmarks/bench_gpu_throughput.py --out "$OUT" || status=1
 fi
-echo "== PatchJitter: Triton and torch engines, float32 and bfloat16 (issues 3, 14)"
-timeout 300 $PY benchmarks/bench_patch_jitter.py --gpu-only --out "$OUT" || status=1
+if [ "$PART" != matching ]; then
+    echo "== PatchJitter: Triton and torch engines, float32 and bfloat16 (issues 3, 14)"
+    timeout 300 $PY benchmarks/bench_patch_jitter.py --gpu-only --out "$OUT" || status=1
+fi
 if [ "$PART" != jitter ]; then
-    echo "== match_patches (issue 2)"
-    timeout 60 $PY benchmarks/bench_matching.py --device cuda --repeat 30 --out "$OUT" || status=1
+    echo "== match_patches: fused Triton and torch engines vs EsViT (issues 2, 15)"
+    timeout 180 $PY benchmarks/bench_matching.py --device cuda --repeat 30 --out "$OUT" || status=1
 fi
 } 2>&1 | tee "$OUT/bench.log"
 exit $status

@@ -22,7 +22,9 @@ def test_device_mode_times_every_rule_and_both_esvit_baselines(monkeypatch, tmp_
     # "cpu:0" takes the device branch (any device other than the plain CPU of record)
     _main(monkeypatch, "--device", "cpu:0", "--repeat", "1", "--out", str(tmp_path))
     res = json.loads((tmp_path / "matching_gpu.json").read_text())
-    rules = ["match_patches[half]", "match_patches[official]", "match_patches[centre]"]
+    rules = [name for rule in ("half", "official", "centre")
+             for name in (f"match_patches[{rule}]", f"match_view_pairs[{rule}]",
+                          f"match_patches[{rule}], torch engine")]
     assert list(res["seconds_per_step"]) == [*rules, "esvit", "esvit_normalised_once"]
     assert all(v > 0 for v in res["seconds_per_step"].values())
     for base in ("esvit", "esvit_normalised_once"):
@@ -30,7 +32,8 @@ def test_device_mode_times_every_rule_and_both_esvit_baselines(monkeypatch, tmp_
             want = res["seconds_per_step"][base] / res["seconds_per_step"][name]
             assert res["speedup"][base][name] == pytest.approx(want, rel=0.01, abs=0.01)
     md = (tmp_path / "matching_gpu.md").read_text()
-    assert md.count("| match_patches[") == 3 and "| esvit |" in md
+    assert md.count("| match_patches[") == 6 and md.count("| match_view_pairs[") == 3
+    assert "| esvit |" in md
     assert not (tmp_path / "matching.json").exists()  # the CPU record is not touched
 
 

@@ -55,3 +55,48 @@ def test_broadcast_leading_shapes_on_device(device):
     dev = match_patches(teacher.to(device), student.to(device), 14, 6, rule="half")
     assert dev.idx_a.shape == cpu.idx_a.shape == (3, 2, 4, 1 + 36)
     assert torch.equal(cpu.idx_b, dev.idx_b.cpu()) and torch.equal(cpu.valid, dev.valid.cpu())
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+@pytest.mark.parametrize("rule", RULES)
+def test_each_device_engine_equals_the_cpu(device, engine, rule):
+    if engine == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(11 + RULES.index(rule))
+    n = 256
+    box_a = _random_boxes(g, n, (90.0, 256.0), False, torch.float32)
+    box_b = _random_boxes(g, n, (12.0, 120.0), True, torch.float32)
+    flip_a, flip_b = torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g) < 0.5
+    for grids in (((14, 14), (6, 6)), ((6, 6), (14, 14)), ((5, 7), (3, 2))):
+        cpu = match_patches(box_a, box_b, *grids, flip_a, flip_b, rule=rule)
+        dev = match_patches(box_a.to(device), box_b.to(device), *grids, flip_a.to(device),
+                            flip_b.to(device), rule=rule, engine=engine)
+        for name in ("idx_a", "idx_b", "valid"):
+            assert torch.equal(getattr(cpu, name), getattr(dev, name).cpu()), (engine, grids, name)
+
+
+def test_match_view_pairs_on_device_one_compile(device):
+    """Every teacher-student pair of a DINO step (2 x 224 + 8 x 96 px views) in one launch,
+    equal to the CPU, and new box values never recompile the kernel."""
+    triton = pytest.importorskip("triton")
+    del triton
+    from patchaug import match_view_pairs
+    from patchaug.matching_triton import _match_kernel
+
+    g = torch.Generator().manual_seed(5)
+    grids = [(14, 14)] * 2 + [(6, 6)] * 8
+    pairs = [(i, j) for i in range(2) for j in range(10) if j != i]
+    compiled = None
+    for step in range(3):
+        boxes = torch.stack([_random_boxes(g, 64, (30.0, 256.0), True, torch.float32)
+                             for _ in range(10)])
+        flips = torch.rand(10, 64, generator=g) < 0.5
+        cpu = match_view_pairs(boxes, flips, grids, pairs)
+        dev = match_view_pairs(boxes.to(device), flips.to(device), grids, pairs, engine="triton")
+        for key in pairs:
+            for name in ("idx_a", "idx_b", "valid"):
+                assert torch.equal(getattr(cpu[key], name), getattr(dev[key], name).cpu()), key
+        if device.type == "cuda":  # the interpreter (PATCHAUG_TEST_DEVICE=cpu) compiles nothing
+            n_compiled = len(_match_kernel.device_caches[torch.cuda.current_device()][0])
+            compiled = n_compiled if compiled is None else compiled
+            assert n_compiled == compiled == 1, f"recompiled at step {step}"

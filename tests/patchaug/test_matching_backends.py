@@ -39,24 +39,24 @@ def assert_identical(fast, ref):
 
 def test_match_patches_runs_the_numpy_engine_for_cpu_boxes(monkeypatch):
     seen = []
-    for name in ("_match_numpy", "_match_torch"):
-        real = getattr(M, name)
+    for name in ("numpy", "torch"):
+        real = M._ENGINES[name]
 
         def spy(*args, _name=name, _real=real, **kwargs):
             seen.append(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(M, name, spy)
+        monkeypatch.setitem(M._ENGINES, name, spy)
     box = torch.tensor([2.0, 2.0, 10.0, 10.0])
     for args in (((0, 0, 8, 8), (2, 2, 10, 10)), ((0, 0, 8, 8), box), (box, (0, 0, 8, 8)),
                  (box, box.to(torch.int64))):
         seen.clear()
         m = match_patches(*args, 4, 4, rule="centre", cls=False)
-        assert seen == ["_match_numpy"]
+        assert seen == ["numpy"]
         assert m.pairs() == M._match_torch(*args, 4, 4, rule="centre", cls=False).pairs()
-    assert M._numpy_eligible((0, 0, 1, 1), box) and M._numpy_eligible(box, (0, 0, 1, 1))
-    assert not M._numpy_eligible(box.to("meta"), (0, 0, 1, 1))
-    assert not M._numpy_eligible((0, 0, 1, 1), box.to("meta"))
+    assert M._pick_engine("auto", (0, 0, 1, 1), box) == M._pick_engine("auto", box, (0, 0, 1, 1)) == "numpy"
+    assert M._pick_engine("auto", box.to("meta"), (0, 0, 1, 1)) == "torch"
+    assert M._pick_engine("auto", (0, 0, 1, 1), box.to("meta")) == "torch"
 
 
 def test_the_engines_keep_the_device_of_their_arrays():
