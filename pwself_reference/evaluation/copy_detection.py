@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pwself_reference.evaluation._checks import feature_matrix
 from pwself_reference.evaluation.retrieval import average_precision
 from pwself_reference.evaluation.whitening import learn_whitening
 
@@ -178,7 +179,9 @@ def score_copy_detection(
     >>> score_copy_detection(torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.5, 1.0]]), db, [[0], [1]])[1]
     [1.0, 0.25]
     """
-    if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
+    feature_matrix(queries, "queries")
+    feature_matrix(database, "database")
+    if queries.shape[1] != database.shape[1]:
         raise ValueError(
             f"queries (Q, D) and database (N, D) must share D, got {tuple(queries.shape)} "
             f"and {tuple(database.shape)}"
@@ -195,6 +198,9 @@ def score_copy_detection(
     for i, pos in enumerate(positives):
         if len(pos) == 0:
             raise ValueError(f"query {i} has no positive")
+        if min(pos) < 0 or max(pos) >= db.shape[0]:
+            raise ValueError(f"positives[{i}] holds indices outside the database [0, {db.shape[0]}): "
+                             f"{list(pos)}")
         hits = torch.isin(order[i], torch.as_tensor(list(pos), dtype=order.dtype))
         aps.append(average_precision(torch.nonzero(hits).flatten().tolist(), len(pos)))
     return sum(aps) / len(aps), aps

@@ -106,6 +106,8 @@ def crop_to_patch_multiple(images: torch.Tensor, patch: int | Sequence[int]) -> 
     torch.Size([1, 3, 32, 48])
     """
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (ph, pw)):
+        raise ValueError(f"patch must be a positive int or (height, width) pair, got {patch!r}")
     h, w = images.shape[-2] // ph * ph, images.shape[-1] // pw * pw
     if h == 0 or w == 0:
         raise ValueError(

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pwself_reference.evaluation._checks import feature_matrix
+
 __all__ = ["knn_classify"]
 
 _DEFAULT_MEMORY = 256 * 2**20  # bytes of temporaries per chunk of test images
@@ -24,20 +26,6 @@ def _check_labels(labels: torch.Tensor, n: int, what: str, features: str) -> tor
     if n and int(labels.min()) < 0:
         raise ValueError(f"{what} must be non-negative class ids")
     return labels.long()
-
-
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _check_finite(features: torch.Tensor, name: str) -> None:
-    """One NaN row wins or loses every vote it takes part in: refuse it instead."""
-    if not features.dtype.is_floating_point:
-        return
-    bad = ~torch.isfinite(features).all(dim=1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten()
-        raise ValueError(f"{name} has {rows.numel()} rows with NaN or inf values (first: row "
-                         f"{int(rows[0])}); features must be finite")
 
 
 @torch.no_grad()
@@ -90,14 +78,8 @@ def knn_classify(
     ...              torch.tensor([0, 1]), k=2)
     (100.0, 100.0)
     """
-    for name, f in (("train_features", train_features), ("test_features", test_features)):
-        if not isinstance(f, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(f).__name__}")
-        if f.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(f.shape)}")
-        if not (f.dtype.is_floating_point or f.dtype in _INTEGER_DTYPES):
-            raise TypeError(f"{name} must hold real numbers, got dtype {f.dtype}")
-        _check_finite(f, name)
+    feature_matrix(train_features, "train_features")
+    feature_matrix(test_features, "test_features")
     n_train, dim = train_features.shape
     n_test = test_features.shape[0]
     if test_features.shape[1] != dim:

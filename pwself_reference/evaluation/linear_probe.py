@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pwself_reference.evaluation._checks import feature_matrix
+
 __all__ = ["LinearClassifier", "train_linear_classifier", "linear_probe"]
 
 
@@ -147,6 +149,7 @@ def _check_features(features: Any, labels: Any, what: str) -> tuple[torch.Tensor
         )
     if features.shape[0] == 0:
         raise ValueError(f"{what}_features is empty")
+    feature_matrix(features, f"{what}_features")
     if int(labels.min()) < 0:
         raise ValueError(f"{what}_labels must be non-negative class ids")
     return features.float(), labels.long()

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pwself_reference.evaluation._checks import feature_matrix
 from pwself_reference.safe_pickle import RefusedGlobalError, load_plain_pickle
 
 __all__ = [
@@ -72,11 +73,16 @@ def average_precision(ranks: Sequence[int] | np.ndarray, nres: int) -> float:
     >>> average_precision([0, 2], 2)  # hits at ranks 1 and 3 (1-based)
     0.7916666666666666
     """
-    if nres <= 0:
+    if isinstance(nres, bool) or not isinstance(nres, (int, np.integer)) or nres <= 0:
         raise ValueError(f"nres must be a positive number of positives, got {nres!r}")
-    r = np.asarray(ranks, dtype=np.float64).reshape(-1)
+    r = _as_index_array(ranks, "ranks")
     if r.size == 0:
         return 0.0
+    if r.size > nres:
+        raise ValueError(f"ranks lists {r.size} retrieved positives but nres is {nres}")
+    if r[0] < 0 or (r.size > 1 and not (np.diff(r) > 0).all()):
+        raise ValueError(f"ranks must be increasing non-negative positions, got {r.tolist()}")
+    r = r.astype(np.float64)
     j = np.arange(r.size, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         p0 = np.where(r == 0, 1.0, j / np.where(r == 0, 1.0, r))
@@ -344,6 +350,8 @@ def _concat(*parts: Any) -> np.ndarray:
 
 
 def _split(gnd: Sequence[Mapping[str, Any]], ok: tuple[str, ...], junk: tuple[str, ...]):
+    if isinstance(gnd, Mapping) or not isinstance(gnd, Sequence):
+        raise TypeError(f"gnd must be a list of per-query dicts (cfg['gnd']), got {type(gnd).__name__}")
     if len(gnd) == 0:
         raise ValueError("gnd is empty")
     out = []
@@ -464,7 +472,9 @@ def retrieval_ranks(database: torch.Tensor, queries: torch.Tensor) -> np.ndarray
     >>> retrieval_ranks(torch.eye(3), torch.tensor([[0.0, 1.0, 0.1]]))[:, 0].tolist()
     [1, 2, 0]
     """
-    if database.ndim != 2 or queries.ndim != 2 or database.shape[1] != queries.shape[1]:
+    feature_matrix(database, "database")
+    feature_matrix(queries, "queries")
+    if database.shape[1] != queries.shape[1]:
         raise ValueError(
             f"database (N, D) and queries (Q, D) must share D, got {tuple(database.shape)} "
             f"and {tuple(queries.shape)}"

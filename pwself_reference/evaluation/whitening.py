@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pwself_reference.evaluation._checks import feature_matrix
+
 __all__ = ["Whitening", "learn_whitening"]
 
 
@@ -85,6 +87,7 @@ def learn_whitening(
     """
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
         raise ValueError("features must be a 2-D tensor (N, D)")
+    feature_matrix(features, "features")
     n, d = features.shape
     if n < 2:
         raise ValueError(f"need at least 2 whitening features, got {n}")
