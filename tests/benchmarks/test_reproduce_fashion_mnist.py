@@ -79,23 +79,97 @@ def test_kept_result_continues_a_grid_on_another_machine(tmp_path):
         rep.do_run(empty_runs, results, "sum", 1, ["--epochs", "4"], 1)
 
 
-def test_tiny_grid_trains_evaluates_and_reports(tmp_path):
-    recipe = ["--epochs", "1", "--train-subset", "64", "--test-subset", "40", "--batch-size", "16",
+def corr(base: float) -> dict:
+    def group(r: float) -> dict:
+        return {"recall_at_1": r, "recall_within_1": r + 20, "chance_at_1": 2.041}
+    return {"model": {"foreground": {g: group(base + i) for i, g in enumerate(rep.CORR_GROUPS)}},
+            "position_only": {"foreground": {g: group(5.0) for g in rep.CORR_GROUPS}}}
+
+
+def test_correspondence_columns_curves_and_baseline_rows():
+    runs = [dict(fake("dino", s, 50), correspondence=corr(10 + s),
+                 corr_by_epoch={"1": {g: 10.0 + s for g in rep.CORR_GROUPS}}) for s in (0, 1)]
+    runs += [dict(fake("mean", s, 52), correspondence=corr(14 + 2 * s),
+                  corr_by_epoch={"1": {g: 12.0 for g in rep.CORR_GROUPS}}) for s in (0, 1)]
+    runs.append(fake("sum", 0, 51))  # a run finished before correspondence existed
+    s = rep.summarise(runs, ["dino", "mean", "sum"], [0, 1])
+    assert s["mean"]["corr_non_flipped"] == pytest.approx((15, math.sqrt(2)))
+    assert s["mean"]["corr_flipped_vs_dino"] == pytest.approx((4.5, math.sqrt(0.5)))
+    assert s["sum"]["corr_flipped"] is None and s["sum"]["corr_flipped_vs_dino"] is None
+    assert s["dino"]["corr_by_epoch"]["1"]["global_local"] == pytest.approx((10.5, math.sqrt(0.5)))
+    pixels = {"knn10": 80.0, "knn20": 78.6, "linear": 82.0}
+    untrained = [dict(fake("untrained", s, 45), correspondence=corr(3.0 + s)) for s in (0, 1)]
+    base = rep.summarise_baselines(pixels, untrained)
+    assert list(base) == ["raw pixels", "untrained network", "position-only (untrained)",
+                          "chance (untrained)"]
+    md = rep.markdown_table(s, base)
+    assert "| *raw pixels* | — | 80.00 | 78.60 | 82.00 | — | — |" in md
+    assert "| *untrained network* | 2 | 46.00 ± 0.00 | 45.00 ± 0.00 | 55.00 ± 0.00 |" in md
+    assert "position-only" not in md  # no classification figures: no row
+    md = rep.markdown_table(s, base, rep.CORR_COLS)
+    assert "| sum | 1 | — | — | — | — | — |" in md
+    assert "| *position-only (untrained)* | 2 | 5.00 ± 0.00 |" in md
+    assert "| *chance (untrained)* | — | 2.04 | 2.04 | 2.04 | — | — |" in md
+    assert "raw pixels" not in md
+
+
+def test_p7_arms_pair_with_dino_of_their_patch_size():
+    assert rep.ARMS["mean-patchaug-p7"][-4:] == ["--patch-size", "7", "--local-crop-size", "14"]
+    assert rep.paired_baseline("mean-p7") == "dino-p7" and rep.paired_baseline("mean") == "dino"
+    runs = [fake("dino", 0, 50), fake("dino-p7", 0, 40), fake("mean-p7", 0, 43)]
+    s = rep.summarise(runs, ["dino", "dino-p7", "mean-p7"], [0])
+    assert s["mean-p7"]["knn20_vs_dino"][0] == 3 and s["dino-p7"]["knn20_vs_dino"] is None
+
+
+def test_snapshot_copies_the_teacher_backbone_of_each_epoch(tmp_path):
+    import torch
+
+    from pwself_reference.checkpoint import load_backbone, save_checkpoint
+
+    backbone, config = rep.untrained_backbone(["--depth", "1", "--embed-dim", "16",
+                                               "--num-heads", "2"], "dino", 0)
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    ck = tmp_path / "checkpoint.pth"
+    save_checkpoint({"config": config, "teacher": {**state, "head.w": torch.zeros(2)},
+                     "epoch": 3}, ck)
+    seen = rep.snapshot_epoch(tmp_path, ck, None)
+    snap = tmp_path / "epochs" / "teacher_epoch003.pth"
+    net, _ = load_backbone(snap, "teacher")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                  backbone.state_dict().values()))
+    snap.unlink()
+    assert rep.snapshot_epoch(tmp_path, ck, seen) == seen and not snap.exists()  # unchanged file
+    assert rep.snapshot_epoch(tmp_path, tmp_path / "missing.pth", None) is None
+
+
+def test_tiny_long_grid_trains_evaluates_and_reports(tmp_path):
+    recipe = ["--epochs", "2", "--train-subset", "64", "--test-subset", "40", "--batch-size", "16",
               "--depth", "1", "--embed-dim", "24", "--num-heads", "2", "--out-dim", "32",
               "--head-hidden-dim", "32", "--head-bottleneck-dim", "16",
               "--local-crops-number", "2", "--warmup-epochs", "0"]
     out, results = tmp_path / "runs", tmp_path / "results"
-    rep.main(["--out", str(out), "--results", str(results), "--arms", "dino", "mean",
-              "--seeds", "0", "--workers", "2", "--", *recipe])
-    data = json.loads((results / "reproduction.json").read_text())
+    rep.main(["--grid", "long", "--out", str(out), "--results", str(results), "--arms", "dino",
+              "mean", "--seeds", "0", "--workers", "2", "--", *recipe])
+    data = json.loads((results / "reproduction_long.json").read_text())
     assert data["meta"]["runs_done"] == 2 and data["meta"]["recipe"] == recipe
-    assert rep.kept_result(results, "dino", 0).is_file()
+    assert rep.kept_result(results, "dino", 0, "reproduction_runs/long").is_file()
     for run in data["runs"]:
         for key in ("knn10", "knn20", "linear"):
             assert 0.0 <= run[key] <= 100.0
-        # k-NN at initialisation and after the one epoch
-        assert len(run["knn20_by_epoch"]) == 2 and run["knn20_by_epoch"][-1] == run["knn20"]
-    # same seed, same initialisation: both arms start from the same k-NN accuracy
+        # k-NN at initialisation and after each epoch
+        assert len(run["knn20_by_epoch"]) == 3 and run["knn20_by_epoch"][-1] == run["knn20"]
+        # per-epoch correspondence from the snapshots: at least the last epoch (final.pth)
+        assert "2" in run["corr_by_epoch"] and set(run["corr_by_epoch"]) <= {"1", "2"}
+        for g in rep.CORR_GROUPS:
+            assert 0.0 <= rep.corr_value(run, g) <= 100.0
+    # same seed, same initialisation: both arms start from the same k-NN accuracy ...
     assert data["runs"][0]["knn20_by_epoch"][0] == data["runs"][1]["knn20_by_epoch"][0]
-    assert (results / "reproduction.png").stat().st_size > 0
-    assert "| mean | 1 |" in (results / "reproduction.md").read_text()
+    # ... which the script's untrained network reproduces: it is the runs' initialisation
+    untrained = json.loads((results / "reproduction_runs" / "long" / "untrained-seed0.json")
+                           .read_text())
+    assert untrained["knn20"] == data["runs"][0]["knn20_by_epoch"][0]
+    assert set(data["baselines"]) >= {"raw pixels", "untrained network", "chance (untrained)"}
+    assert (results / "reproduction_long.png").stat().st_size > 0
+    assert (results / "reproduction_long_curves.png").stat().st_size > 0
+    md = (results / "reproduction_long.md").read_text()
+    assert "| mean | 1 |" in md and "| *raw pixels* |" in md and "| *chance (untrained)* |" in md
