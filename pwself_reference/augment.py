@@ -181,8 +181,8 @@ def match_views(boxes: torch.Tensor, flips: torch.Tensor, grids: Sequence[tuple[
                 n_global: int, rule: str) -> Matches:
     """Matches between every teacher (global) view ``i`` and student view ``j != i``.
 
-    One batched :func:`patchaug.match_patches` call per teacher view and student
-    grid (views of one size share a call).
+    One :func:`patchaug.match_view_pairs` call: on CUDA one launch of the fused Triton
+    kernel for all pairs, elsewhere one batched call per pair of grids.
 
     Parameters
     ----------
@@ -200,8 +200,9 @@ def match_views(boxes: torch.Tensor, flips: torch.Tensor, grids: Sequence[tuple[
     Returns
     -------
     dict
-        ``{(i, j): PatchMatch}`` for ``i < n_global``, ``j != i``, with ``(B, M)`` tensors on
-        the boxes' device (for CPU boxes, computed by the numpy engine: same results).
+        ``{(i, j): PatchMatch}`` for ``i < n_global``, ``j != i`` (in that order), with
+        ``(B, M)`` tensors on the boxes' device (for CPU boxes, computed by the numpy
+        engine: same results).
 
     Examples
     --------
@@ -210,25 +211,10 @@ def match_views(boxes: torch.Tensor, flips: torch.Tensor, grids: Sequence[tuple[
     >>> list(m), tuple(m[(0, 1)].idx_a.shape)
     ([(0, 1)], (1, 2))
     """
-    from patchaug import PatchMatch, match_patches
+    from patchaug import match_view_pairs
 
-    out: Matches = {}
-    n_views = len(grids)
-    for i in range(n_global):
-        groups: dict[tuple[int, int], list[int]] = {}
-        for j in range(n_views):
-            if j != i:
-                groups.setdefault(tuple(grids[j]), []).append(j)
-        for grid, js in groups.items():
-            idx = torch.tensor(js, device=boxes.device)
-            nb = len(js)
-            m = match_patches(
-                boxes[i].expand(nb, -1, -1), boxes[idx], tuple(grids[i]), grid,
-                flips[i].expand(nb, -1), flips[idx], rule=rule,
-            )
-            for k, j in enumerate(js):
-                out[(i, j)] = PatchMatch(m.idx_a[k], m.idx_b[k], m.valid[k])
-    return out
+    pairs = [(i, j) for i in range(n_global) for j in range(len(grids)) if j != i]
+    return match_view_pairs(boxes, flips, [tuple(g) for g in grids], pairs, rule=rule)
 
 
 def _to_uint8_tensor(img: Any) -> torch.Tensor:
