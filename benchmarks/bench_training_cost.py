@@ -57,10 +57,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PHASES = ("crop_aug", "patch_aug", "matching", "backbone", "head", "loss", "optimizer")
-CONFIGS = {  # name: (loss, patch_aug)
-    "dino": ("dino", "none"),
-    "pwself-mean": ("mean", "none"),
-    "pwself-mean-patchaug": ("mean", "authors"),
+CONFIGS = {  # name: (loss, patch_aug, head_tokens)
+    "dino": ("dino", "none", "all"),
+    "pwself-mean": ("mean", "none", "all"),
+    "pwself-mean-matched": ("mean", "none", "matched"),
+    "pwself-mean-patchaug": ("mean", "authors", "all"),
 }
 
 
@@ -69,14 +70,22 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
     import torch
 
     from pwself_reference import train as T
-    from pwself_reference.augment import ViewAugment, batched_multicrop, normalize
+    from pwself_reference.augment import (
+        ViewAugment,
+        batched_multicrop,
+        match_batch,
+        normalize,
+        view_grids,
+    )
     from pwself_reference.config import parse_args
+    from pwself_reference.losses import matched_token_masks
     from pwself_reference.models import backbone_tokens
+    from pwself_reference.network import HeadOutput, static_rows
 
-    loss_name, patch_aug = CONFIGS[name]
+    loss_name, patch_aug, head_tokens = CONFIGS[name]
     preset = {"dino": "cifar10-vit-tiny16-dino", "mean": "cifar10-vit-tiny16-mean"}[loss_name]
     args = parse_args(["--preset", preset, "--out-dim", str(out_dim), "--batch-size", str(batch),
-                       "--patch-aug", patch_aug, "--device", "cpu",
+                       "--patch-aug", patch_aug, "--head-tokens", head_tokens, "--device", "cpu",
                        "--data-path", tempfile.gettempdir()])  # no data is read
     torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
@@ -96,9 +105,9 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
     epoch = args.freeze_last_layer  # past the frozen-last-layer epoch: the whole head trains
     n_global = spec.n_global
 
-    def net_forward(net, views, grad: bool):
-        """MultiCropNetwork.forward cut in two: backbone tokens, then the head."""
-        batch_size = views[0].shape[0]
+    def net_forward(net, views, grad: bool, keep=None):
+        """MultiCropNetwork.forward cut in two: the backbone tokens (gathered into the
+        head's input buffer under ``--head-tokens matched``) here, the head outside."""
         groups: list[list[torch.Tensor]] = []
         for v in views:
             if groups and groups[-1][0].shape[-2:] == v.shape[-2:]:
@@ -106,22 +115,21 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
             else:
                 groups.append([v])
         with torch.set_grad_enabled(grad):
-            flat, shapes = [], []
+            flat, tokens = [], []
             for g in groups:
                 tok = backbone_tokens(net.backbone, torch.cat(g, dim=0))
                 if not patch_level:
                     tok = tok[:, :1]
-                shapes.append((len(g), tok.shape[1]))
+                tokens += [tok.shape[1]] * len(g)
                 flat.append(tok.reshape(-1, tok.shape[-1]))
-            return torch.cat(flat, dim=0), shapes, batch_size
-
-    def split(out, shapes, batch_size):
-        res, start = [], 0
-        for n_views, n_tok in shapes:
-            size = n_views * batch_size * n_tok
-            res.extend(out[start:start + size].view(n_views, batch_size, n_tok, -1).unbind(0))
-            start += size
-        return res
+            x = torch.cat(flat, dim=0)
+            if keep is None:
+                return x, tokens, None
+            kept = torch.cat([m.reshape(-1) for m in keep]).nonzero().squeeze(1)
+            n = kept.shape[0]
+            x = torch.cat([x.index_select(0, kept),
+                           x.new_zeros(static_rows(n, x.shape[0]) - n, x.shape[1])])
+            return x, tokens, kept
 
     def step(step_idx: int, check: bool = False, profile_loss: bool = False) -> dict[str, float]:
         t: dict[str, float] = dict.fromkeys(PHASES, 0.0)
@@ -137,28 +145,33 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
         t["crop_aug"] = time.perf_counter() - t0 - t["patch_aug"]
 
         a = time.perf_counter()
-        matches = T.compute_matches(mb, n_global, args.patch_size, args.match_rule) \
+        matches = match_batch(mb, n_global, args.patch_size, args.match_rule) \
             if patch_level else None
+        keep_t = keep_s = None
+        if head_tokens == "matched":  # part of the matching phase: which tokens are matched
+            n_tok = [1 + r * c for r, c in view_grids(views, args.patch_size)]
+            keep_t, keep_s = matched_token_masks(matches, n_tok[:n_global], n_tok, batch)
         t["matching"] = time.perf_counter() - a
 
         # forward: backbone, then head, teacher (no grad) and student
         a = time.perf_counter()
-        t_tok, t_shapes, bs = net_forward(teacher, views[:n_global], grad=False)
-        s_tok, s_shapes, _ = net_forward(student, views, grad=True)
+        t_tok, t_tokens, t_kept = net_forward(teacher, views[:n_global], grad=False, keep=keep_t)
+        s_tok, s_tokens, s_kept = net_forward(student, views, grad=True, keep=keep_s)
         b = time.perf_counter()
         with torch.no_grad():
-            teacher_out = split(teacher.head(t_tok), t_shapes, bs)
+            teacher_out = HeadOutput(teacher.head(t_tok), batch, tuple(t_tokens), t_kept)
         s_tok_d = s_tok.detach().requires_grad_(True)
         s_head = student.head(s_tok_d)
         c = time.perf_counter()
         s_head_d = s_head.detach().requires_grad_(True)
-        student_out = split(s_head_d, s_shapes, bs)
+        student_out = HeadOutput(s_head_d, batch, tuple(s_tokens), s_kept)
+        t["head_rows"] = float(t_tok.shape[0] + s_tok.shape[0])
         if check:  # the decomposed forward is the network's own forward
             with torch.no_grad():
                 cp = criterion.center.clone()
-                ref = criterion(student(views, all_tokens=patch_level),
-                                teacher(views[:n_global], all_tokens=patch_level), matches,
-                                epoch, update_center=False)
+                ref = criterion(student(views, all_tokens=patch_level, keep=keep_s),
+                                teacher(views[:n_global], all_tokens=patch_level, keep=keep_t),
+                                matches, epoch, update_center=False)
                 mine = criterion(student_out, teacher_out, matches, epoch, update_center=False)
                 assert torch.equal(cp, criterion.center)
             # drop-path is random in the student: compare with drop-path off
@@ -219,7 +232,10 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
     softmax_fraction = prof_step["loss_softmax_fraction"]
     fastest = min(timed, key=lambda s: s["step"])
     res = {
-        "config": name, "loss": loss_name, "patch_aug": patch_aug, "out_dim": out_dim,
+        "config": name, "loss": loss_name, "patch_aug": patch_aug, "head_tokens": head_tokens,
+        "out_dim": out_dim,
+        # teacher + student rows through the head (mean over the timed steps)
+        "head_rows_per_step": sum(s["head_rows"] for s in timed) / steps,
         "batch": batch, "timed_steps": steps, "threads": threads,
         "check_rel_diff_vs_network_forward": warm["check_rel_diff"],
         "warmup_s": warm["step"],
@@ -244,10 +260,11 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
 def fmt_table(results: list[dict]) -> list[str]:
     base = {r["out_dim"]: r for r in results if r["config"] == "dino"}
     lines = [
-        "| config | out_dim | batch | timed steps | s / step | x DINO | peak RSS (MB) | crop+aug | "
+        "| config | out_dim | batch | timed steps | head rows | s / step | x DINO | peak RSS (MB) | "
+        "crop+aug | "
         "patch aug | matching | backbone | head | loss | (softmax) | (centre) | (pairs) | "
         "optimizer | bookkeeping % | w/o softmax | w/o softmax, centre |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         "---:|---:|---:|",
     ]
     for r in results:
@@ -255,12 +272,35 @@ def fmt_table(results: list[dict]) -> list[str]:
         ratio = r["s_per_step"] / base[r["out_dim"]]["s_per_step"] if r["out_dim"] in base else 0
         lines.append(
             f"| {r['config']} | {r['out_dim']} | {r['batch']} | {r['timed_steps']} | "
-            f"{r['s_per_step']:.2f} | {ratio:.2f}x | {r['peak_rss_mb']:.0f} | "
+            f"{r['head_rows_per_step']:.0f} | {r['s_per_step']:.2f} | {ratio:.2f}x | {r['peak_rss_mb']:.0f} | "
             + " | ".join(f"{ph[p]:.3f}" for p in PHASES[:-1])
             + f" | {r['loss_softmax_s']:.3f} | {r['loss_center_s']:.3f} | {r['loss_pairs_s']:.3f}"
             + f" | {ph['optimizer']:.3f} | {r['bookkeeping_pct']:.1f}"
             + f" | {r['bookkeeping_no_softmax_pct']:.1f} | {r['bookkeeping_strict_pct']:.1f} |"
         )
+    return lines
+
+
+def matched_table(results: list[dict]) -> list[str]:
+    """``--head-tokens matched`` against ``all`` (and DINO) at each out_dim."""
+    lines = ["``--head-tokens matched`` (the head on CLS + matched tokens only, same loss) "
+             "against ``all`` and DINO:", "",
+             "| out_dim | head rows all -> matched | s / step: DINO, all, matched | matched / all "
+             "| matched - DINO over all - DINO | peak RSS (MB): DINO, all, matched |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for dim in sorted({r["out_dim"] for r in results}):
+        by = {r["config"]: r for r in results if r["out_dim"] == dim}
+        if not {"dino", "pwself-mean", "pwself-mean-matched"} <= set(by):
+            continue
+        d, a, m = by["dino"], by["pwself-mean"], by["pwself-mean-matched"]
+        over = ((m["s_per_step"] - d["s_per_step"]) / (a["s_per_step"] - d["s_per_step"])
+                if a["s_per_step"] > d["s_per_step"] else float("nan"))
+        lines.append(
+            f"| {dim} | {a['head_rows_per_step']:.0f} -> {m['head_rows_per_step']:.0f} "
+            f"({m['head_rows_per_step'] / a['head_rows_per_step']:.0%}) | "
+            f"{d['s_per_step']:.2f}, {a['s_per_step']:.2f}, {m['s_per_step']:.2f} | "
+            f"{m['s_per_step'] / a['s_per_step']:.2f}x | {over:.0%} | "
+            f"{d['peak_rss_mb']:.0f}, {a['peak_rss_mb']:.0f}, {m['peak_rss_mb']:.0f} |")
     return lines
 
 
@@ -335,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
                    str(a.batch_large), "--steps-large", str(a.steps_large),
                    "--threads", str(a.threads)]
             env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
-                "PYTHONPATH", ""))
+                "PYTHONPATH", ""), OMP_NUM_THREADS=str(a.threads),
+                MKL_NUM_THREADS=str(a.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
@@ -434,7 +475,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{d['head_share_of_delta_pct']:.0f}% |"
         )
     md += ["", "The head column is the cost of applying the DINO head to every token (PW-Self) "
-           "instead of the CLS token only (DINO).", "",
+           "instead of the CLS token only (DINO).", ""]
+    md += matched_table(results)
+    md += ["",
            "Where the loss's time goes (torch.profiler, self CPU time of the top operators as a "
            "share of the loss's forward + backward):", ""]
     for r in results:

@@ -52,6 +52,7 @@ __all__ = [
     "collate_images",
     "collate_multicrop",
     "item_seed",
+    "match_batch",
     "match_views",
     "normalize",
     "view_grids",
@@ -217,6 +218,24 @@ def match_views(boxes: torch.Tensor, flips: torch.Tensor, grids: Sequence[tuple[
     return match_view_pairs(boxes, flips, [tuple(g) for g in grids], pairs, rule=rule)
 
 
+def match_batch(batch: MultiCropBatch, n_global: int, patch_size: int, rule: str) -> Matches:
+    """The token matches of every (teacher, student) view pair of a batch.
+
+    :func:`match_views` on the batch's boxes, flips and view grids. The training
+    step calls it for crops drawn on the device (``--crops batched``);
+    :class:`MatchingCollate` calls it in the data-loader workers for the
+    ``loader`` path.
+
+    Examples
+    --------
+    >>> b = batched_multicrop(torch.rand(2, 3, 16, 16), CropSpec(16, 8, n_local=1))
+    >>> sorted(match_batch(b, 2, 4, "half"))
+    [(0, 1), (0, 2), (1, 0), (1, 2)]
+    """
+    return match_views(batch.boxes, batch.flips, view_grids(batch.views, patch_size), n_global,
+                       rule)
+
+
 def _to_uint8_tensor(img: Any) -> torch.Tensor:
     from torchvision.transforms.functional import pil_to_tensor
 
@@ -355,9 +374,7 @@ class MatchingCollate:
 
     def __call__(self, samples: Sequence[MultiCropSample]) -> MultiCropBatch:
         batch = collate_multicrop(samples)
-        batch.matches = match_views(batch.boxes, batch.flips,
-                                    view_grids(batch.views, self.patch_size), self.n_global,
-                                    self.rule)
+        batch.matches = match_batch(batch, self.n_global, self.patch_size, self.rule)
         return batch
 
     def __repr__(self) -> str:

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "build_parser", "parse_args", "validate", "ConfigError", "to_dict"]
+__all__ = ["PRESETS", "build_parser", "parse_args", "validate", "ConfigError", "to_dict",
+           "center_batch_mean"]
 
 _PAPER_CIFAR = dict(
     dataset="cifar10", arch="vit_tiny", patch_size=16, depth=None, embed_dim=None, num_heads=None,
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLS weight of --loss lambda, in [0, 1]")
     g.add_argument("--match-rule", default="half", choices=["half", "official", "centre"],
                    help="patch matching rule of patchaug.match_patches")
+    g.add_argument("--head-tokens", default="all", choices=["all", "matched"],
+                   help="patch-level losses: run the DINO head on every token, or only on CLS "
+                        "and the patch tokens of a matched pair (same loss, less time and "
+                        "memory; the centre's batch mean is then over those teacher tokens)")
     g.add_argument("--center", default="global", choices=["global", "per-token"],
                    help="loss centering: one centre (DINO) or one per teacher token (authors)")
     g.add_argument("--center-momentum", type=float, default=0.9, help="EMA momentum of the centre")
@@ -205,7 +210,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**PRESETS[pre.preset])
     args = parser.parse_args(argv)
     validate(args)
+    args.center_batch_mean = center_batch_mean(args)
     return args
+
+
+def center_batch_mean(args: argparse.Namespace) -> str:
+    """What the centre's EMA averages each step, as the configuration resolves it."""
+    per = ("per token position over the samples and global views" if args.center == "per-token"
+           else "over the samples, global views and tokens")
+    if args.loss == "dino":
+        return f"teacher head outputs of the CLS token, {per}"
+    if args.head_tokens == "all":
+        return f"teacher head outputs of every token, {per}"
+    return (f"teacher head outputs of the CLS token and of every patch token in at least one "
+            f"matched pair (the tokens the head ran on), {per}"
+            + ("; a position no sample kept keeps its centre" if args.center == "per-token"
+               else ""))
 
 
 def _divides(flag: str, size: int, patch: int) -> None:

@@ -24,28 +24,29 @@ slots, with the weights of the chosen rule (paper, Sec. 3.5; see
 The loss is averaged over the batch and over the ``n_teacher x n_student``
 view pairs with ``i != j`` (18 for 2 + 8 crops).
 
-How it is computed: the weight of every matched slot of every pair ending in
-student view ``j`` is an entry of one sparse ``(B * T_j, sum_i B * T_i)`` matrix
-``A_j`` from student rows to teacher rows, so the loss is
-``-sum_j sum(A_j * (log_softmax(s_j / tau_s) @ P^T))`` where ``P`` stacks the
-teacher probabilities of all teacher views (computed once per view). The
-forward pass evaluates that product only at the entries of ``A_j``
-(:func:`torch.sparse.sampled_addmm`) and, when a gradient is needed, writes it
-at once into the buffer of the log-probabilities,
-``(c * softmax(s_j / tau_s) - A_j @ P) / tau_s`` with ``c`` the row sums of
-``A_j`` (a teacher row sums to 1), which the backward pass hands back. No
-``(B, M, K)`` copy of teacher or student rows is made and one ``(B * T_j, K)``
-buffer is allocated per student view. When the student outputs are row blocks
-of one tensor (the head output of
-:class:`~pwself_reference.network.MultiCropNetwork`), all views are handled at
-once on that tensor (see ``fuse_views``). :func:`token_cross_entropy` and
-:func:`reduce_tokens` are the same arithmetic written slot by slot with gathers
-(simpler, much slower at large ``K``); they are kept as the reference.
+:meth:`PWSelfLoss.forward` is that sum written once for all pairs: every
+weighted slot becomes a :class:`LossSlots` entry (student row, teacher row,
+weight) into the stacked head outputs (:class:`~pwself_reference.network.HeadOutput`),
+and the loss is ``-sum_p w_p <P[t_p], log_softmax(S[s_p] / tau_s)>``.
+:func:`matched_cross_entropy_reference` computes that sum with gathers, as
+written; :func:`matched_cross_entropy` is the engine the training uses, tested
+against it. The engine holds the weights as a sparse ``(R_s, R_t)`` matrix ``A``,
+evaluates ``sum(A * (log_softmax(S / tau_s) @ P^T))`` at the entries of ``A``
+only (:func:`torch.sparse.sampled_addmm`) and, when a gradient is needed, writes
+it in the forward pass into the buffer of the log-probabilities,
+``(c * softmax(S / tau_s) - A @ P) / tau_s`` with ``c`` the row sums of ``A``
+(a teacher row sums to 1): no ``(P, K)`` gather is made and the loss allocates
+one ``(R_s, K)`` buffer. :func:`token_cross_entropy` and :func:`reduce_tokens`
+are the per-pair formulas, slot by slot.
 
 Centering: ``global`` keeps one ``(K,)`` centre (DINO); with patch tokens it is
-the mean over every teacher token. ``per-token`` keeps one centre per teacher
-token position, a ``(T, K)`` buffer (the authors' code). Both are updated with
-an EMA (momentum 0.9 by default) of the batch mean, averaged over processes.
+the mean over the teacher tokens the head ran on. ``per-token`` keeps one centre
+per teacher token position, a ``(T, K)`` buffer (the authors' code), each the
+mean over the samples and global views. Both are updated with an EMA (momentum
+0.9 by default) of the batch mean, averaged over processes. When the head ran
+on the matched tokens only (``--head-tokens matched``), the batch mean is over
+those tokens: CLS of every global view and every patch token in at least one
+weighted pair; a ``per-token`` position no sample kept keeps its centre.
 
 The loss is computed in float32 with autocast disabled, whatever the dtype of
 the network outputs (the gradient is returned in the outputs' dtype). For
@@ -58,6 +59,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -65,10 +68,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pwself_reference.network import HeadOutput
+
+if TYPE_CHECKING:
+    from patchaug import PatchMatch
+
 __all__ = [
-    "LOSSES", "CENTERS", "SOFTMAX_LABEL", "CENTER_LABEL", "token_cross_entropy", "reduce_tokens",
-    "pair_weights", "PWSelfLoss",
+    "LOSSES", "CENTERS", "SOFTMAX_LABEL", "CENTER_LABEL", "Matches", "LossSlots",
+    "token_cross_entropy", "reduce_tokens", "pair_weights", "matched_cross_entropy",
+    "matched_cross_entropy_reference", "matched_token_masks", "PWSelfLoss",
 ]
+
+#: Token matches of view pairs: ``(teacher view i, student view j)`` -> ``(B, M)`` match.
+Matches = Mapping[tuple[int, int], "PatchMatch"]
 
 LOSSES = ("dino", "mean", "sum", "lambda")
 #: torch.profiler label of the (log-)softmax of every token, with the scaled logits and
@@ -249,69 +261,93 @@ def _to_csr(weights: torch.Tensor) -> torch.Tensor:
         return weights.to_sparse_csr()
 
 
-def _common_base_rows(student_out: Sequence[torch.Tensor], tokens: Sequence[int]
-                      ) -> tuple[torch.Tensor, list[int]] | None:
-    """``(base as (R, K), first row of every view)`` when the student outputs are
-    contiguous ``(B, tokens[j], K)`` row blocks that tile one tensor exactly (as
-    :class:`~pwself_reference.network.MultiCropNetwork` returns them), else None."""
-    base = student_out[0]._base
-    if base is None or not base.is_contiguous() or base.dim() < 2:
-        return None
-    k = base.shape[-1]
-    spans = []
-    for s, t in zip(student_out, tokens):
-        if (s._base is not base or s.shape[1] != t or not s.is_contiguous()
-                or s.requires_grad != base.requires_grad or s.shape[-1] != k):
-            return None
-        offset = s.storage_offset() - base.storage_offset()
-        if offset % k:
-            return None
-        spans.append((offset // k, s.shape[0] * t))
-    end = 0
-    for start, n in sorted(spans):
-        if start != end:
-            return None
-        end += n
-    if end * k != base.numel():
-        return None
-    return base.view(end, k), [start for start, _ in spans]
+
+def _rows(out: HeadOutput | Sequence[torch.Tensor]) -> HeadOutput:
+    return out if isinstance(out, HeadOutput) else HeadOutput.from_views(out)
+
+
+@dataclass
+class LossSlots:
+    """The weighted (student row, teacher row) slots of every view pair, ``(P,)`` each.
+
+    Rows index :attr:`HeadOutput.rows` of the student and the teacher; ``weight``
+    includes the average over the batch and the view pairs.
+    """
+
+    student_row: torch.Tensor
+    teacher_row: torch.Tensor
+    weight: torch.Tensor
+
+
+def matched_cross_entropy_reference(student_rows: torch.Tensor, teacher_probs: torch.Tensor,
+                                    slots: LossSlots, student_temp: float) -> torch.Tensor:
+    """``-sum_p w_p <P[t_p], log_softmax(S[s_p] / tau_s)>``, with gathers, as written.
+
+    Parameters
+    ----------
+    student_rows : torch.Tensor
+        ``(R_s, K)`` student head outputs ``S``.
+    teacher_probs : torch.Tensor
+        ``(R_t, K)`` centred, sharpened teacher probabilities ``P``.
+    slots : LossSlots
+        ``(P,)`` student rows ``s_p``, teacher rows ``t_p`` and weights ``w_p``.
+    student_temp : float
+        ``tau_s``.
+
+    Examples
+    --------
+    >>> s, p = torch.zeros(2, 4), torch.full((1, 4), 0.25)
+    >>> slots = LossSlots(torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([0.5, 0.5]))
+    >>> matched_cross_entropy_reference(s, p, slots, 0.1)
+    tensor(1.3863)
+    """
+    log_p = F.log_softmax(student_rows.float() / student_temp, dim=-1)   # (R_s, K)
+    ce = -(teacher_probs[slots.teacher_row] * log_p[slots.student_row]).sum(-1)  # (P,)
+    return (slots.weight * ce).sum()
+
+
+def matched_cross_entropy(student_rows: torch.Tensor, teacher_probs: torch.Tensor,
+                          slots: LossSlots, student_temp: float) -> torch.Tensor:
+    """:func:`matched_cross_entropy_reference` without a ``(P, K)`` gather (the engine).
+
+    The slots become a sparse ``(R_s, R_t)`` matrix (duplicate slots add up); see
+    the module docstring. Same arguments and value; the gradient w.r.t.
+    ``student_rows`` is computed in the forward pass (float32, or bfloat16 for
+    bfloat16 rows) and handed back by the backward pass.
+    """
+    if slots.weight.numel() == 0:
+        return torch.zeros((), device=student_rows.device)
+    with _quiet_sparse():
+        a = torch.sparse_coo_tensor(
+            torch.stack([slots.student_row, slots.teacher_row]), slots.weight,
+            (student_rows.shape[0], teacher_probs.shape[0]), check_invariants=False,
+        ).coalesce()
+    need_grad = torch.is_grad_enabled() and student_rows.requires_grad
+    return _MatchedCrossEntropy.apply(student_rows, student_temp, teacher_probs, a, need_grad)
 
 
 class _MatchedCrossEntropy(torch.autograd.Function):
     """``-sum(A * (log_softmax(s / tau) @ P^T))``, differentiable in ``s``.
 
-    ``s``: ``(B, T, K)`` student outputs (any float dtype), whose rows ``b * T + t``
-    are the rows of ``A``. Either ``weights``, a coalesced sparse COO ``(B * T, R)``
-    float32 matrix with ``probs`` the ``(R, K)`` float32 teacher probabilities, or
-    ``weights=None`` and ``probs`` the dense ``(B * T, K)`` targets ``A @ P`` with
-    ``row_sum`` their ``(B * T,)`` weight sums.
+    ``s``: ``(N, K)`` student rows (any float dtype), the rows of ``A``, a
+    coalesced sparse COO ``(N, R)`` float32 matrix; ``probs``: the ``(R, K)``
+    float32 teacher probabilities.
 
     The gradient ``(c * softmax(s / tau) - A @ P) / tau`` (``c``: the row sums of
-    ``A``; a teacher row sums to 1) is computed in the forward pass, in the buffer
-    of the log-probabilities, so that the whole loss allocates one ``(B * T, K)``
-    buffer per student view.
-
-    bfloat16 outputs (bf16 autocast) with sparse weights take another route: the
-    float32 work runs on chunks of rows and the gradient is kept in bfloat16, the
-    dtype it is returned in anyway (the same rounding of the same float32 values).
-    That keeps 2 instead of 4 bytes per output value during the step, and saves the
-    conversion copy in the backward pass: on a GPU, where the head on every token
-    makes these buffers the largest tensors of the step, the peak memory of a
-    ViT-S/16 step (batch 64, out_dim 65536) fell from 56 to 32 GiB. (float16 keeps
-    the float32 buffer: its gradient is multiplied by the loss scale before any
-    rounding.)
+    ``A``) is computed in the forward pass, in the buffer of the log-probabilities.
+    bfloat16 rows take :func:`_chunked_cross_entropy`: float32 work on chunks of
+    rows and a bfloat16 gradient, the dtype it is returned in anyway (the same
+    rounding of the same float32 values), so 2 instead of 4 bytes per output value
+    are kept during the step. float16 keeps the float32 buffer: its gradient is
+    multiplied by the loss scale before any rounding.
     """
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, temp: float, probs: torch.Tensor,
-                weights: torch.Tensor | None, row_sum: torch.Tensor | None,
-                need_grad: bool) -> torch.Tensor:
-        k = student.shape[-1]
-        ctx.student_shape = student.shape
+                weights: torch.Tensor, need_grad: bool) -> torch.Tensor:
         ctx.student_dtype = student.dtype
-        if weights is not None and student.dtype == torch.bfloat16:
-            loss, grad = _chunked_cross_entropy(student.reshape(-1, k), temp, probs, weights,
-                                                need_grad)
+        if student.dtype == torch.bfloat16:
+            loss, grad = _chunked_cross_entropy(student, temp, probs, weights, need_grad)
             if grad is not None:
                 ctx.save_for_backward(grad)
             return loss
@@ -322,34 +358,27 @@ class _MatchedCrossEntropy(torch.autograd.Function):
             else:
                 z.copy_(student)
                 z.div_(temp)
-            z = z.view(-1, k)
             log_p = (torch.log_softmax(z, -1, out=z) if _in_place(z.device)
                      else torch.log_softmax(z, -1))
-        if weights is None:
-            loss = -torch.dot(probs.reshape(-1), log_p.reshape(-1))
-        else:
-            loss = -_matched_dot(weights, log_p, probs)
+        loss = -_matched_dot(weights, log_p, probs)
+        if need_grad:  # (ctx.needs_input_grad is True under no_grad too)
             row_sum = torch.zeros(log_p.shape[0], dtype=torch.float32, device=log_p.device)
             row_sum.index_add_(0, weights.indices()[0], weights.values())
-        if need_grad:  # (ctx.needs_input_grad is True under no_grad too)
             with torch.profiler.record_function(SOFTMAX_LABEL):
                 grad = log_p.exp_()  # softmax(s / tau), in place: log_p is not needed any more
                 grad.mul_((row_sum / temp).unsqueeze(-1))
-            if weights is None:
-                grad.sub_(probs, alpha=1.0 / temp)
-            else:
-                _subtract_targets(grad, weights, probs, temp)
+            _subtract_targets(grad, weights, probs, temp)
             ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None,
-                                                       None, None]:
+                                                       None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        # skip a (B * T, K) copy in the usual case of a unit output gradient (the saved buffer
+        # skip a (N, K) copy in the usual case of a unit output gradient (the saved buffer
         # is handed out as is: a retained graph gives the same buffer again); on the CPU, and
         # for the bfloat16 buffer on any device, where the one host sync of reading grad_out
         # costs far less than the copy
@@ -359,7 +388,7 @@ class _MatchedCrossEntropy(torch.autograd.Function):
                 grad = grad * scale  # a Python float: kept in float32 by the bfloat16 kernel
         else:
             grad = grad * grad_out.to(grad.dtype)
-        return grad.view(ctx.student_shape).to(ctx.student_dtype), None, None, None, None, None
+        return grad.to(ctx.student_dtype), None, None, None, None
 
 
 def _matched_dot(weights: torch.Tensor, log_p: torch.Tensor, probs: torch.Tensor
@@ -426,6 +455,57 @@ def _chunked_cross_entropy(student: torch.Tensor, temp: float, probs: torch.Tens
     return loss, grad
 
 
+
+
+def matched_token_masks(matches: Matches, teacher_tokens: Sequence[int],
+                        student_tokens: Sequence[int], batch: int
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Which tokens of every view take part in a matched pair, plus CLS.
+
+    Parameters
+    ----------
+    matches : mapping
+        ``matches[(i, j)]`` between teacher view ``i`` and student view ``j``.
+    teacher_tokens, student_tokens : sequence of int
+        Tokens per sample of every teacher / student view (``1 + rows * cols``).
+    batch : int
+        Samples per view.
+
+    Returns
+    -------
+    (list of torch.Tensor, list of torch.Tensor)
+        Per teacher view and per student view a ``(B, T)`` bool mask, on the
+        matches' device: the keep masks of
+        :class:`~pwself_reference.network.MultiCropNetwork` for ``--head-tokens matched``.
+
+    Examples
+    --------
+    >>> from patchaug import PatchMatch
+    >>> m = PatchMatch(torch.tensor([[0, 2]]), torch.tensor([[0, 1]]), torch.tensor([[True, True]]))
+    >>> t, s = matched_token_masks({(0, 1): m}, [3], [3, 2], batch=1)
+    >>> t[0].tolist(), s[0].tolist(), s[1].tolist()
+    ([[True, False, True]], [[True, False, False]], [[True, True]])
+    """
+    if not matches:
+        raise ValueError("matched_token_masks needs at least one view pair's matches")
+    device = next(iter(matches.values())).valid.device
+    masks = {}
+    for side, tokens in (("t", teacher_tokens), ("s", student_tokens)):
+        for v, t in enumerate(tokens):
+            mask = torch.zeros(batch, t, dtype=torch.bool, device=device)
+            mask[:, 0] = True  # CLS: in every pair, and the DINO term
+            masks[side, v] = mask
+    rows = torch.arange(batch, device=device).unsqueeze(1)
+    for (i, j), m in matches.items():
+        for side, v, idx in (("t", i, m.idx_a), ("s", j, m.idx_b)):
+            if (side, v) not in masks:
+                continue
+            valid = m.valid.to(device)
+            masks[side, v][rows.expand_as(idx)[valid], idx.to(device)[valid]] = True
+    return ([masks["t", i] for i in range(len(teacher_tokens))],
+            [masks["s", j] for j in range(len(student_tokens))])
+
+
 class PWSelfLoss(nn.Module):
     """Self-distillation loss over every (teacher view, student view) pair.
 
@@ -449,14 +529,6 @@ class PWSelfLoss(nn.Module):
         Student temperature (0.1).
     center_momentum : float
         EMA momentum of the centre (0.9).
-    fuse_views : bool
-        When the student outputs are consecutive row blocks of one tensor (views
-        of a ``(sum_j B * T_j, K)`` head output, as
-        :class:`~pwself_reference.network.MultiCropNetwork` returns them), compute
-        the loss on that tensor at once, so that its gradient is written there
-        directly rather than routed back through the views (each a zero-filled
-        full-size copy). The gradient is then found on that tensor, not on the
-        views: ``torch.autograd.grad(loss, student_out)`` needs ``fuse_views=False``.
 
     Examples
     --------
@@ -479,7 +551,6 @@ class PWSelfLoss(nn.Module):
         teacher_temps: Sequence[float] | np.ndarray = (0.04,),
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
-        fuse_views: bool = True,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -501,7 +572,6 @@ class PWSelfLoss(nn.Module):
         self.teacher_temps = temps
         self.student_temp = float(student_temp)
         self.center_momentum = float(center_momentum)
-        self.fuse_views = bool(fuse_views)
         n_center = n_teacher_tokens if center == "per-token" else 1
         self.register_buffer("center", torch.zeros(1, n_center, out_dim))
         self.last_stats: dict[str, float] = {}
@@ -510,46 +580,16 @@ class PWSelfLoss(nn.Module):
         """Teacher temperature of ``epoch`` (the last value after the schedule)."""
         return float(self.teacher_temps[min(int(epoch), self.teacher_temps.size - 1)])
 
-    def _check_center(self, teacher_out: torch.Tensor) -> None:
-        center = self.center
-        if self.center_mode == "per-token" and center.shape[1] != teacher_out.shape[1]:
-            raise ValueError(
-                f"per-token centre holds {center.shape[1]} tokens, teacher output has "
-                f"{teacher_out.shape[1]}"
-            )
-
     def teacher_probs(self, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
         """``softmax((t - C) / tau_t)`` of ``(B, T, K)`` teacher outputs."""
-        self._check_center(teacher_out)
+        self._check_center(teacher_out.shape[1])
         return F.softmax((teacher_out.float() - self.center) / self.teacher_temp(epoch), dim=-1)
-
-    @torch.no_grad()
-    def _stacked_teacher_probs(self, teacher_out: Sequence[torch.Tensor], rows: Sequence[int],
-                               epoch: int) -> torch.Tensor:
-        """``teacher_probs`` of the first ``rows[i]`` tokens of every view, stacked as
-        ``(sum_i B * rows[i], K)`` (one buffer, no concatenation)."""
-        first = teacher_out[0]
-        k = first.shape[-1]
-        n = sum(t.shape[0] * r for t, r in zip(teacher_out, rows))
-        with torch.profiler.record_function(SOFTMAX_LABEL):
-            out = torch.empty(n, k, dtype=torch.float32, device=first.device)
-            start = 0
-            for t, r in zip(teacher_out, rows):
-                self._check_center(t)
-                stop = start + t.shape[0] * r
-                torch.sub(t[:, :r].detach(), self.center[:, :r],
-                          out=out[start:stop].view(t.shape[0], r, k))
-                start = stop
-            out.div_(self.teacher_temp(epoch))
-            if _in_place(out.device):
-                return torch.softmax(out, -1, out=out)
-            return torch.softmax(out, -1)
 
     def forward(
         self,
-        student_out: Sequence[torch.Tensor],
-        teacher_out: Sequence[torch.Tensor],
-        matches: Mapping[tuple[int, int], object] | None,
+        student_out: HeadOutput | Sequence[torch.Tensor],
+        teacher_out: HeadOutput | Sequence[torch.Tensor],
+        matches: Matches | None,
         epoch: int,
         update_center: bool = True,
     ) -> torch.Tensor:
@@ -557,12 +597,13 @@ class PWSelfLoss(nn.Module):
 
         Parameters
         ----------
-        student_out : sequence of torch.Tensor
-            One ``(B, T_j, K)`` tensor per student view; the first views are the
+        student_out : HeadOutput or sequence of torch.Tensor
+            The student's head outputs (:class:`~pwself_reference.network.MultiCropNetwork`),
+            or one ``(B, T_j, K)`` tensor per view; the first views are the
             teacher's global views in the same order. ``T_j = 1`` (CLS only) is
             enough for ``loss="dino"``.
-        teacher_out : sequence of torch.Tensor
-            One ``(B, T, K)`` tensor per global view (no gradient needed).
+        teacher_out : HeadOutput or sequence of torch.Tensor
+            The teacher's, one view per global view (no gradient needed).
         matches : mapping or None
             ``matches[(i, j)]`` is the :class:`patchaug.PatchMatch` between teacher
             view ``i`` (``idx_a``) and student view ``j`` (``idx_b``), ``(B, M)``.
@@ -577,158 +618,153 @@ class PWSelfLoss(nn.Module):
         torch.Tensor
             Scalar float32 loss.
         """
-        if not teacher_out or not student_out:
-            raise ValueError("need at least one teacher and one student view")
-        pairs = [(i, j) for j in range(len(student_out)) for i in range(len(teacher_out))
+        # B: batch, K: prototypes, R_s / R_t: rows of the stacked student / teacher
+        # outputs (their kept tokens), P: weighted (teacher token, student token) slots
+        student, teacher = _rows(student_out), _rows(teacher_out)   # rows (R_s, K), (R_t, K)
+        slots = self.loss_slots(student, teacher, matches)          # (P,) rows and weights
+        with _no_autocast(student.rows.device):
+            # P_t = softmax((t - C) / tau_t)                                      (R_t, K)
+            probs = self._teacher_row_probs(teacher, epoch)
+            # L = -sum_p w_p <P_t[t_p], log_softmax(s[s_p] / tau_s)>
+            loss = matched_cross_entropy(student.rows, probs, slots, self.student_temp)
+        if update_center:
+            self.update_center(teacher)
+        return loss
+
+    def loss_slots(self, student: HeadOutput, teacher: HeadOutput,
+                   matches: Matches | None) -> LossSlots:
+        """The weighted slots of every pair ``(i, j)``, ``i != j``, in rows of the outputs.
+
+        Checks the outputs and the matches; sets ``last_stats["matched_tokens"]``, the
+        mean number of matched token pairs (CLS included) per sample and view pair.
+        """
+        if student.batch != teacher.batch or student.rows.shape[-1] != teacher.rows.shape[-1]:
+            raise ValueError(
+                f"student and teacher outputs must have the same batch and last dim (K), got "
+                f"{student.batch}, {student.rows.shape[-1]} and {teacher.batch}, "
+                f"{teacher.rows.shape[-1]}"
+            )
+        pairs = [(i, j) for j in range(student.n_views) for i in range(teacher.n_views)
                  if i != j]
         if not pairs:
             raise ValueError("no (teacher, student) view pair with different views")
-        batch, k = teacher_out[0].shape[0], teacher_out[0].shape[-1]
-        for name, outs in (("teacher_out", teacher_out), ("student_out", student_out)):
-            for v, x in enumerate(outs):
-                if x.dim() != 3 or x.shape[0] != batch or x.shape[-1] != k:
-                    raise ValueError(
-                        f"{name}[{v}] must be (B={batch}, T, K={k}) like teacher_out[0] (teacher "
-                        f"and student outputs must have the same last dim), got {tuple(x.shape)}"
-                    )
-        patch_level = self.loss != "dino"
-        if patch_level:
+        batch, device = student.batch, student.rows.device
+        scale = 1.0 / (batch * len(pairs))
+        s_off, t_off = student.offsets, teacher.offsets
+        b = torch.arange(batch, device=device).unsqueeze(1)  # (B, 1)
+        s_flat, t_flat, weights = [], [], []
+        if self.loss == "dino":  # the CLS pair of every view pair
+            for i, j in pairs:
+                s_flat.append(s_off[j] + b[:, 0] * student.tokens[j])
+                t_flat.append(t_off[i] + b[:, 0] * teacher.tokens[i])
+                weights.append(torch.full((batch,), scale, device=device))
+            matched = float(len(pairs))
+        else:
+            bad = torch.zeros((), dtype=torch.bool, device=device)
+            matched_t = torch.zeros((), device=device)
             for i, j in pairs:
                 if matches is None or (i, j) not in matches:
                     raise ValueError(f"loss {self.loss!r} needs matches[({i}, {j})]")
-        device = student_out[0].device
-        temp = self.student_temp
-        grad_on = torch.is_grad_enabled()
-        with _no_autocast(device):
-            t_rows = [t.shape[1] if patch_level else 1 for t in teacher_out]
-            s_rows = [s.shape[1] if patch_level else 1 for s in student_out]
-            probs = self._stacked_teacher_probs(teacher_out, t_rows, epoch)
-            # the tensors differentiated: one per view, or their common base; the first row
-            # of every view in its tensor
-            fused = _common_base_rows(student_out, s_rows) if self.fuse_views else None
-            if fused is not None:
-                groups = [(fused[0], list(range(len(student_out))))]
-                row0 = fused[1]
-            else:
-                groups = [(s if patch_level else s[:, :1], [j]) for j, s in enumerate(student_out)]
-                row0 = [0] * len(student_out)
-            total = torch.zeros((), device=device)
-            if patch_level:
-                entries, bad, matched = self._pair_weights(pairs, matches, batch, t_rows, s_rows,
-                                                           device)
-                bad_any, matched_sum = torch.stack([bad.float(), matched.float()]).tolist()
-                if bad_any:
-                    raise ValueError("matches hold token indices outside the teacher or student "
-                                     "outputs")
-            else:
-                matched_sum = float(len(pairs))
-                scale = 1.0 / (batch * len(pairs))
-                cls_probs = probs.view(len(teacher_out), batch, k)
-            for x, views in groups:
-                n_rows = x.numel() // k
-                need_grad = grad_on and x.requires_grad
-                if patch_level:
-                    rows, cols, vals = [], [], []
-                    for j in views:
-                        for r, c, v in entries.get(j, ()):
-                            rows.append(r + row0[j])
-                            cols.append(c)
-                            vals.append(v)
-                    if not rows:  # a view without a teacher view to pair with
-                        continue
-                    with _quiet_sparse():
-                        a = torch.sparse_coo_tensor(
-                            torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals),
-                            (n_rows, probs.shape[0]), check_invariants=False,
-                        ).coalesce()
-                    total = total + _MatchedCrossEntropy.apply(x, temp, probs, a, None,
-                                                               need_grad)
-                else:  # CLS rows only, dense targets: the other views' teacher CLS
-                    target = torch.zeros(n_rows, k, device=device)
-                    row_sum = torch.zeros(n_rows, device=device)
-                    for j in views:
-                        others = [i for i in range(len(teacher_out)) if i != j]
-                        if others:
-                            target[row0[j]:row0[j] + batch] = cls_probs[others].sum(0).mul_(scale)
-                            row_sum[row0[j]:row0[j] + batch] = scale * len(others)
-                    total = total + _MatchedCrossEntropy.apply(x, temp, target, None, row_sum,
-                                                               need_grad)
-        self.last_stats = {"matched_tokens": matched_sum / len(pairs)}
-        if update_center:
-            self.update_center(teacher_out)
-        return total
+                m = matches[(i, j)]
+                idx_t, idx_s, valid = (x.to(device) for x in (m.idx_a, m.idx_b, m.valid))
+                if not (idx_t.dim() == 2 and idx_t.shape[0] == batch
+                        and idx_t.shape == idx_s.shape == valid.shape):
+                    raise ValueError(
+                        f"matches[({i}, {j})] must hold (B={batch}, M) idx_a, idx_b and valid, "
+                        f"got {tuple(idx_t.shape)}, {tuple(idx_s.shape)} and {tuple(valid.shape)}"
+                    )
+                w = pair_weights(valid, self.loss, self.lam) * scale              # (B, M)
+                matched_t = matched_t + valid.sum(1).float().mean()
+                bad = bad | (valid & ((idx_t < 0) | (idx_t >= teacher.tokens[i]) | (idx_s < 0)
+                                      | (idx_s >= student.tokens[j]))).any()
+                keep = w != 0
+                s_flat.append((s_off[j] + b * student.tokens[j] + idx_s)[keep])
+                t_flat.append((t_off[i] + b * teacher.tokens[i] + idx_t)[keep])
+                weights.append(w[keep])
+            bad_any, matched = torch.stack([bad.float(), matched_t]).tolist()
+            if bad_any:
+                raise ValueError("matches hold token indices outside the teacher or student "
+                                 "outputs")
+        slots = LossSlots(student.row_of(torch.cat(s_flat)), teacher.row_of(torch.cat(t_flat)),
+                          torch.cat(weights))
+        if not (student.complete and teacher.complete) and bool(
+                ((slots.student_row < 0) | (slots.teacher_row < 0)).any()):
+            raise ValueError("a weighted pair holds a token the head did not run on (the "
+                             "keep masks must cover the matches: matched_token_masks)")
+        self.last_stats = {"matched_tokens": matched / len(pairs)}
+        return slots
 
-    def _pair_weights(
-        self, pairs: Sequence[tuple[int, int]], matches: Mapping[tuple[int, int], object],
-        batch: int, t_rows: Sequence[int], s_rows: Sequence[int], device: torch.device,
-    ) -> tuple[dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], torch.Tensor,
-               torch.Tensor]:
-        """Per student view, the (student row in the view, stacked teacher row, weight) of every
-        weighted slot, one triple per pair; whether a valid slot indexes outside the outputs; the sum over pairs of the mean
-        number of matched tokens."""
-        scale = 1.0 / (batch * len(pairs))
-        offsets = np.cumsum([0] + [batch * r for r in t_rows]).tolist()
-        base = torch.arange(batch, device=device).unsqueeze(1)
-        out: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        bad = torch.zeros((), dtype=torch.bool, device=device)
-        matched = torch.zeros((), device=device)
-        for i, j in pairs:
-            m = matches[(i, j)]
-            idx_a, idx_b, valid = (x.to(device) for x in (m.idx_a, m.idx_b, m.valid))
-            if not (idx_a.dim() == 2 and idx_a.shape[0] == batch
-                    and idx_a.shape == idx_b.shape == valid.shape):
-                raise ValueError(
-                    f"matches[({i}, {j})] must hold (B={batch}, M) idx_a, idx_b and valid, got "
-                    f"{tuple(idx_a.shape)}, {tuple(idx_b.shape)} and {tuple(valid.shape)}"
-                )
-            w = pair_weights(valid, self.loss, self.lam) * scale
-            matched = matched + valid.sum(1).float().mean()
-            bad = bad | (valid & ((idx_a < 0) | (idx_a >= t_rows[i]) | (idx_b < 0)
-                                  | (idx_b >= s_rows[j]))).any()
-            keep = w != 0
-            out.setdefault(j, []).append(((base * s_rows[j] + idx_b)[keep],
-                                          (base * t_rows[i] + idx_a + offsets[i])[keep], w[keep]))
-        return out, bad, matched
+    def _check_center(self, tokens: int) -> None:
+        if self.center_mode == "per-token" and self.center.shape[1] != tokens:
+            raise ValueError(
+                f"per-token centre holds {self.center.shape[1]} tokens, teacher output has "
+                f"{tokens}"
+            )
 
     @torch.no_grad()
-    def update_center(self, teacher_out: Sequence[torch.Tensor]) -> None:
+    def _teacher_row_probs(self, teacher: HeadOutput, epoch: int) -> torch.Tensor:
+        """:meth:`teacher_probs` of every teacher row that holds a token, ``(n_rows, K)``
+        float32 (one buffer, written in place)."""
+        for t in teacher.tokens:
+            self._check_center(t)
+        rows = teacher.rows[: teacher.n_rows].detach()
+        k = rows.shape[-1]
+        with torch.profiler.record_function(SOFTMAX_LABEL):
+            out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+            if self.center_mode == "global":
+                torch.sub(rows, self.center[0], out=out)
+            elif teacher.complete:  # every view (B, T, K): the centre broadcasts
+                t = teacher.tokens[0]
+                torch.sub(rows.view(-1, t, k), self.center, out=out.view(-1, t, k))
+            else:  # one centre row per kept token, gathered in chunks of rows
+                token = teacher.token_of_rows()
+                step = max(1, _CHUNK_VALUES // 16 // max(k, 1))
+                for r in range(0, rows.shape[0], step):
+                    torch.sub(rows[r:r + step], self.center[0].index_select(0, token[r:r + step]),
+                              out=out[r:r + step])
+            out.div_(self.teacher_temp(epoch))
+            if _in_place(out.device):
+                return torch.softmax(out, -1, out=out)
+            return torch.softmax(out, -1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: HeadOutput | Sequence[torch.Tensor]) -> None:
         """EMA update of the centre with the batch mean of the teacher outputs."""
+        teacher = _rows(teacher_out)
         with torch.profiler.record_function(CENTER_LABEL):
-            batch_sum, count = self._batch_sum(teacher_out)
-            count_t = torch.tensor(float(count), device=batch_sum.device)
+            batch_sum, count = self._batch_sum(teacher)
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(batch_sum)
-                dist.all_reduce(count_t)
-            batch_center = batch_sum.div_(count_t)  # in place: no more (1, T, K) buffers
-            self.center.mul_(self.center_momentum).add_(batch_center,
-                                                        alpha=1 - self.center_momentum)
+                dist.all_reduce(count)
+            m = self.center_momentum
+            if count.numel() == 1:
+                batch_center = batch_sum.div_(count)  # in place: no more (1, T, K) buffers
+                self.center.mul_(m).add_(batch_center, alpha=1 - m)
+                return
+            seen = (count > 0).view(1, -1, 1)  # per-token positions no sample kept stay
+            batch_center = batch_sum.div_(count.clamp(min=1).view(1, -1, 1))
+            self.center.copy_(torch.where(seen, self.center * m + (1 - m) * batch_center,
+                                          self.center))
 
-    def _batch_sum(self, teacher_out: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def _batch_sum(self, teacher: HeadOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 sum of the teacher outputs over the batch and the views (and the tokens
-        for the global centre), and the number of rows summed."""
-        if not teacher_out:
-            raise ValueError("update_center needs at least one teacher output")
-        outs = list(teacher_out)
-        tokens = outs[0].shape[1]
-        per_token = self.center_mode == "per-token"
-        # outputs that tile one tensor (the teacher head's output) are summed in one pass
-        fused = (_common_base_rows(outs, [x.shape[1] for x in outs])
-                 if all(x.shape[1] == tokens for x in outs) else None)
-        if fused is not None:
-            rows = fused[0].detach()
-            if per_token:
-                flat = rows.view(-1, tokens, rows.shape[-1])
-                return flat.sum(0, keepdim=True, dtype=torch.float32), flat.shape[0]
-            return rows.sum(0, dtype=torch.float32).view(1, 1, -1), rows.shape[0]
-        batch_sum = None  # a running sum over the views, no concatenation
-        count = 0
-        for x in outs:
-            x = x.detach()
-            if per_token:
-                view_sum = x.sum(0, keepdim=True, dtype=torch.float32)  # (1, T, K)
-                count += x.shape[0]
-            else:
-                view_sum = x.sum((0, 1), dtype=torch.float32).view(1, 1, -1)
-                count += x.shape[0] * x.shape[1]
-            batch_sum = view_sum if batch_sum is None else batch_sum.add_(view_sum)
-        return batch_sum, count
+        for the global centre), and the number of rows summed (per position for a
+        per-token centre of outputs that do not hold every token)."""
+        rows = teacher.rows[: teacher.n_rows].detach()
+        k = rows.shape[-1]
+        device = rows.device
+        if self.center_mode == "global":
+            count = torch.tensor(float(rows.shape[0]), device=device)
+            return rows.sum(0, dtype=torch.float32).view(1, 1, -1), count
+        for t in teacher.tokens:
+            self._check_center(t)
+        tokens = teacher.tokens[0]
+        if teacher.complete:
+            flat = rows.view(-1, tokens, k)
+            count = torch.tensor(float(flat.shape[0]), device=device)
+            return flat.sum(0, keepdim=True, dtype=torch.float32), count
+        token = teacher.token_of_rows()
+        batch_sum = torch.zeros(tokens, k, dtype=torch.float32, device=device)
+        batch_sum.index_add_(0, token, rows.float())
+        count = torch.bincount(token, minlength=tokens).float()
+        return batch_sum.unsqueeze(0), count

@@ -57,7 +57,7 @@ from pwself_reference.augment import (  # noqa: E402
 )
 from pwself_reference.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pwself_reference.config import ConfigError, default_threads, parse_args, to_dict  # noqa: E402
-from pwself_reference.losses import PWSelfLoss  # noqa: E402
+from pwself_reference.losses import PWSelfLoss, matched_token_masks  # noqa: E402
 from pwself_reference.models import DINOHead, build_backbone  # noqa: E402
 from pwself_reference.network import MultiCropNetwork  # noqa: E402
 from pwself_reference.schedules import cosine_schedule, teacher_temp_schedule  # noqa: E402
@@ -356,12 +356,18 @@ def train_one_epoch(tr: Trainer, epoch: int, start_it: int = 0) -> dict[str, flo
                     matches = compute_matches(mb, tr.spec.n_global, args.patch_size,
                                               args.match_rule)
 
+        keep_t = keep_s = None
+        if patch_level and args.head_tokens == "matched":
+            tokens = [1 + r * c for r, c in view_grids(views, args.patch_size)]
+            keep_t, keep_s = matched_token_masks(matches, tokens[: tr.spec.n_global], tokens,
+                                                 views[0].shape[0])
         autocast = (torch.autocast(tr.device.type, dtype=tr.amp_dtype)
                     if tr.amp_dtype is not None else contextlib.nullcontext())
         with autocast:
             with torch.no_grad():
-                teacher_out = tr.teacher(views[: tr.spec.n_global], all_tokens=patch_level)
-            student_out = tr.student(views, all_tokens=patch_level)
+                teacher_out = tr.teacher(views[: tr.spec.n_global], all_tokens=patch_level,
+                                         keep=keep_t)
+            student_out = tr.student(views, all_tokens=patch_level, keep=keep_s)
             loss = tr.criterion(student_out, teacher_out, matches, epoch)
 
         bad = torch.tensor(0.0 if math.isfinite(loss.item()) else 1.0, device=tr.device)

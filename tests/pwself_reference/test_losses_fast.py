@@ -16,7 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patchaug import PatchMatch, match_patches
-from pwself_reference.losses import PWSelfLoss, pair_weights, reduce_tokens
+from pwself_reference.losses import (
+    LossSlots,
+    PWSelfLoss,
+    matched_cross_entropy,
+    matched_cross_entropy_reference,
+    pair_weights,
+    reduce_tokens,
+)
+from pwself_reference.network import HeadOutput
 
 LOSS_NAMES = ("dino", "mean", "sum", "lambda")
 
@@ -301,89 +309,67 @@ def test_bad_matches_raise_value_error():
     assert torch.equal(crit.center, torch.zeros_like(crit.center))  # nothing was updated
 
 
-def _as_views_of_one_tensor(student, extra_rows=0):
-    """The student outputs laid out like MultiCropNetwork's: consecutive row blocks of one
-    (sum_j B * T_j [+ extra_rows], K) tensor, views of the same resolution unbound together."""
-    k = student[0].shape[-1]
-    flat = [s.detach().reshape(-1, k) for s in student]
-    if extra_rows:
-        flat.append(torch.randn(extra_rows, k))
-    base = torch.cat(flat).requires_grad_()
-    views, start, j = [], 0, 0
-    while j < len(student):
-        n = 1
-        while j + n < len(student) and student[j + n].shape == student[j].shape:
-            n += 1
-        b, t = student[j].shape[:2]
-        size = n * b * t
-        views.extend(base[start:start + size].view(n, b, t, k).unbind(0))
-        start += size
-        j += n
-    return base, views
+def _slots(seed, n_s=9, n_t=7, p=30, k=24, dtype=torch.float32):
+    """Random rows, teacher probabilities and slots (with duplicate slots)."""
+    g = torch.Generator().manual_seed(seed)
+    student = (3 * torch.randn(n_s, k, generator=g)).to(dtype).requires_grad_()
+    probs = F.softmax(3 * torch.randn(n_t, k, generator=g), -1)
+    s_row = torch.randint(0, n_s - 1, (p,), generator=g)  # the last row is in no slot
+    t_row = torch.randint(0, n_t, (p,), generator=g)
+    s_row[1], t_row[1] = s_row[0], t_row[0]
+    return student, probs, LossSlots(s_row, t_row, torch.rand(p, generator=g))
 
 
-def _assert_value_and_gradient_match(got, want, base):
-    """The fused loss equals the reference, and so does its gradient on ``base``; returns it."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matched_cross_entropy_engine_equals_the_reference(seed):
+    student, probs, slots = _slots(seed)
+    got = matched_cross_entropy(student, probs, slots, 0.1)
+    want = matched_cross_entropy_reference(student, probs, slots, 0.1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    g_got, = torch.autograd.grad(got, base, retain_graph=True)
-    g_want, = torch.autograd.grad(want, base)
+    (g_got,) = torch.autograd.grad(got, student)
+    (g_want,) = torch.autograd.grad(want, student)
     assert float((g_got - g_want).abs().max()) <= 1e-5 * float(g_want.abs().max())
-    return g_got
+    assert not g_got[-1].any()
+
+
+def test_matched_cross_entropy_engine_bfloat16_rows(monkeypatch):
+    import pwself_reference.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_VALUES", 2 * 24)  # several chunks
+    student, probs, slots = _slots(3, dtype=torch.bfloat16)
+    got = matched_cross_entropy(student, probs, slots, 0.1)
+    (g_got,) = torch.autograd.grad(got, student)
+    s32 = student.detach().float().requires_grad_()
+    want = matched_cross_entropy_reference(s32, probs, slots, 0.1)
+    (g_want,) = torch.autograd.grad(want, s32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert g_got.dtype == torch.bfloat16
+    torch.testing.assert_close(g_got.float(), g_want, rtol=2 ** -7, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
-def test_views_of_one_head_output_are_fused(loss):
+def test_head_output_equals_the_per_view_outputs(loss):
+    """The stacked HeadOutput gives the loss of its views; its gradient lands on its rows."""
     teacher, student, matches = _views(17, s_grids=((2, 3), (2, 3), (3, 2)))
-    if loss == "dino":
-        teacher = [t[:, :1] for t in teacher]
-        student = [s[:, :1] for s in student]
-    base, views = _as_views_of_one_tensor(student)
-    crit, ref = _criteria(loss, "global", teacher[0].shape[1], 24)
-    got = crit(views, teacher, matches, epoch=1, update_center=False)
-    want = ref(views, teacher, matches)
-    _assert_value_and_gradient_match(got, want, base)
-    # the fused loss differentiates the base, not the views
-    with pytest.raises(RuntimeError, match="not have been used"):
-        torch.autograd.grad(got, views)
-    crit.fuse_views = False
-    per_view = crit(views, teacher, matches, epoch=1, update_center=False)
-    torch.testing.assert_close(per_view, got, rtol=1e-6, atol=1e-7)
-    assert all(g is not None for g in torch.autograd.grad(per_view, views))
-
-
-@pytest.mark.parametrize("extra_rows", [0, 3])
-def test_views_in_any_order_fuse_and_views_that_do_not_tile_fall_back(extra_rows):
-    teacher, student, matches = _views(18)
-    base, views = _as_views_of_one_tensor(student, extra_rows=extra_rows)
-    order = [0, 1, 4, 2, 3]  # the local views in another order than in the base
-    views = [views[j] for j in order]
-    matches = {(i, new): matches[(i, old)] for i in range(2) for new, old in enumerate(order)
-               if i != new}
-    crit, ref = _criteria("lambda", "per-token", 25, 24)
-    got = crit(views, teacher, matches, epoch=1, update_center=False)
-    want = ref(views, teacher, matches)
-    g_got = _assert_value_and_gradient_match(got, want, base)
-    if extra_rows:  # not a tiling: one loss per view, the gradient reaches the views
-        assert not g_got[-extra_rows:].any()
-        assert all(g is not None for g in torch.autograd.grad(got, views))
-    else:
-        with pytest.raises(RuntimeError, match="not have been used"):
-            torch.autograd.grad(got, views)
-
-
-def test_overlapping_views_of_one_tensor():
-    # two student views on the same rows, one block of the base unused
-    teacher, student, matches = _views(19, s_grids=((2, 3), (2, 3)))
-    base, views = _as_views_of_one_tensor(student)
-    views = views[:3] + [views[2]]
-    crit, ref = _criteria("sum", "global", 25, 24)
-    got = crit(views, teacher, matches, epoch=1, update_center=False)
-    want = ref(views, teacher, matches)
+    stacked = HeadOutput.from_views([s.detach() for s in student])
+    stacked.rows.requires_grad_()
+    crit, ref = _criteria(loss, "per-token", teacher[0].shape[1], 24)
+    got = crit(stacked, HeadOutput.from_views(teacher), matches, epoch=1, update_center=False)
+    want = ref(student, teacher, matches)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    g_got, = torch.autograd.grad(got, base)
-    g_want, = torch.autograd.grad(want, base)
+    (g_got,) = torch.autograd.grad(got, stacked.rows)
+    g_want = torch.cat([g.reshape(-1, 24) for g in torch.autograd.grad(want, student)])
     assert float((g_got - g_want).abs().max()) <= 1e-5 * float(g_want.abs().max())
-    assert not g_got[-views[3].shape[0] * views[3].shape[1]:].any()
+    assert [tuple(v.shape) for v in stacked] == [tuple(s.shape) for s in student]
+
+
+def test_head_output_rejects_a_bad_layout():
+    with pytest.raises(ValueError, match="rows must hold the 8 tokens"):
+        HeadOutput(torch.zeros(7, 3), batch=2, tokens=(3, 1))
+    with pytest.raises(ValueError, match="do not fit"):
+        HeadOutput(torch.zeros(2, 3), batch=2, tokens=(3, 1), kept=torch.arange(3))
+    with pytest.raises(ValueError, match="every token"):
+        HeadOutput(torch.zeros(4, 3), batch=2, tokens=(3, 1), kept=torch.arange(3)).view(0)
 
 
 @pytest.mark.parametrize("center", ["global", "per-token"])
@@ -457,18 +443,3 @@ def test_bfloat16_gradient_of_a_scaled_loss(monkeypatch):
     scaled = crit(student, teacher, matches, epoch=1, update_center=False) * 0.3
     for a, b in zip(torch.autograd.grad(scaled, student), g_unit):
         torch.testing.assert_close(a.float(), 0.3 * b.float(), rtol=2 ** -7, atol=1e-6)
-
-
-def test_bfloat16_fused_views_equal_separate_views(monkeypatch):
-    import pwself_reference.losses as losses
-
-    monkeypatch.setattr(losses, "_CHUNK_VALUES", 6 * 24)
-    teacher, student, matches = _views(5, dtype=torch.bfloat16)
-    base, views = _as_views_of_one_tensor(student)
-    crit, _ = _criteria("mean", "global", teacher[0].shape[1], 24, seed=5)
-    fused = crit(views, teacher, matches, epoch=1, update_center=False)
-    (g_fused,) = torch.autograd.grad(fused, base)
-    separate = crit(student, teacher, matches, epoch=1, update_center=False)
-    g_sep = torch.cat([g.reshape(-1, 24) for g in torch.autograd.grad(separate, student)])
-    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-6)
-    assert g_fused.dtype == torch.bfloat16 and torch.equal(g_fused, g_sep)

@@ -57,6 +57,19 @@ def test_one_short_epoch_per_loss(tmp_path, loss):
         assert (t - i).abs().sum() < (s - i).abs().sum()
 
 
+def test_head_tokens_matched_trains_with_the_loss_of_all(tmp_path):
+    """The first step (zero centre) has the same loss; the resolved config states the centre."""
+    runs = {mode: _run(tmp_path, mode, "--head-tokens", mode, "--center", "per-token")
+            for mode in ("all", "matched")}
+    first = {mode: _records(out)[0]["loss"] for mode, out in runs.items()}
+    assert first["matched"] == pytest.approx(first["all"], rel=1e-5)
+    config = json.loads((runs["matched"] / "config.json").read_text())
+    assert config["head_tokens"] == "matched"
+    assert "matched pair" in config["center_batch_mean"]
+    assert "every token" in json.loads((runs["all"] / "config.json").read_text())[
+        "center_batch_mean"]
+
+
 def test_resume_is_exact(tmp_path):
     extra = ["--epochs", "2", "--loss", "mean", "--drop-path", "0.1"]
     ref = _run(tmp_path, "ref", *extra)
