@@ -9,6 +9,8 @@ with ``-W``). Their HTML is read back:
   like a markdown pipe table or an rst grid table;
 * every page that includes benchmark results (``.. results-include::``) renders
   at least as many ``<table>`` elements as the markdown it includes has tables;
+* every results page opens its sections with a ``verdict`` block, whose
+  numbers come from the results JSON, and the build raises no warning about them;
 * every image a page shows, and every image or figure the sources reference,
   exists.
 
@@ -34,7 +36,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 RESULT_PAGES = ("guides/benchmarks", "guides/patch_matching", "guides/reproducing")
 
 sys.path.insert(0, str(DOCS / "scripts"))
-from results_include import is_table, markdown_blocks, select_markdown  # noqa: E402
+from results_include import (  # noqa: E402
+    fill_fields,
+    is_table,
+    lookup,
+    markdown_blocks,
+    select_markdown,
+)
 
 # A markdown pipe-table row ("| a | b |") or delimiter row ("|---|:--:|"), or an
 # rst grid-table border ("+----+----+") or simple-table rule ("==== ====").
@@ -153,6 +161,16 @@ def test_results_pages_render_their_tables(built_docs: tuple[Path, str], name: s
     assert page.tables >= max(expected, 1), (name, page.tables, expected)
 
 
+@pytest.mark.parametrize("name", RESULT_PAGES)
+def test_results_pages_open_with_verdicts(built_docs: tuple[Path, str], name: str) -> None:
+    out, warnings = built_docs
+    html = (out / f"{name}.html").read_text(encoding="utf-8")
+    assert 'class="verdict' in html
+    assert not re.search(r"\{[\w.-]+\.json:", html), "a verdict field was not filled"
+    page_warnings = [line for line in warnings.splitlines() if f"{name}.rst" in line]
+    assert not page_warnings, page_warnings
+
+
 def test_every_image_shown_exists(built_docs: tuple[Path, str]) -> None:
     out, warnings = built_docs
     missing = []
@@ -199,6 +217,28 @@ def test_select_markdown_picks_one_table_and_rejects_a_missing_one() -> None:
 def test_markdown_blocks_split_a_table_from_adjacent_prose() -> None:
     blocks = markdown_blocks("Caption:\n| a |\n|---|\n| 1 |\nNote.\n")
     assert [is_table(b) for b in blocks] == [False, True, False]
+
+
+def test_verdict_fields_read_paths_selectors_ratios_and_formats() -> None:
+    data = {"a.json": {"speedup": {"m[half]": 187.24}, "s": {"x": 0.000832, "y": 0.1557},
+                       "rows": [{"config": "dino", "out_dim": 1000, "v": 2.0},
+                                {"config": "pw", "out_dim": 1000, "v": 5.0}],
+                       "pair": [3.77, 1.12]}}
+    fields = ("{a.json:speedup/m[half]:.0f}x, {a.json:s/x:ms.2f} ms, "
+              "{a.json:rows/config=pw,out_dim=1000/v|rows/config=dino,out_dim=1000/v:.1f}x, "
+              "{a.json:pair/0:+.1f} ± {a.json:pair/1:.1f}")
+    assert fill_fields(fields, data.__getitem__) == "187x, 0.83 ms, 2.5x, +3.8 ± 1.1"
+    assert lookup(data["a.json"], "pair/-1") == 1.12
+
+
+def test_verdict_fields_name_what_is_missing() -> None:
+    data = {"a.json": {"rows": [{"config": "dino"}, {"config": "dino"}], "k": 1}}
+    with pytest.raises(KeyError, match="a.json:k/nope: no 'nope'"):
+        fill_fields("{a.json:k/nope}", data.__getitem__)
+    with pytest.raises(KeyError, match="picks 2 items, not one"):
+        fill_fields("{a.json:rows/config=dino}", data.__getitem__)
+    with pytest.raises(KeyError, match="no 'other'"):
+        fill_fields("{a.json:other}", data.__getitem__)
 
 
 # ----------------------------------------------------------------- plots from the committed JSON

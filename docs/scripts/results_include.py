@@ -1,4 +1,6 @@
-"""Sphinx directive ``results-include``: show a committed benchmark result as rendered tables.
+"""Sphinx directives for benchmark results: ``results-include`` and ``verdict``.
+
+``results-include`` shows a committed benchmark result as rendered tables.
 
 Each benchmark writes its results once, as markdown, to ``benchmarks/results/*.md``.
 The docs show that file itself, parsed by MyST, so a table lives in one file and
@@ -14,15 +16,34 @@ file's own ``#`` title is dropped (the page's section heading names it) and any
 deeper heading becomes a bold paragraph, so an included file never adds sections
 to the page. ``:table: N`` shows only the N-th table of the file (counting from 1).
 The output sits in a ``div.results`` (styled by ``_static/results.css``).
+
+``verdict`` opens a results section with its one-sentence verdict, and takes the
+numbers it quotes from the benchmark's JSON, so they follow a rerun::
+
+    .. verdict::
+
+       **match_patches is {matching.json:speedup/esvit/match_patches[half]:.0f}x
+       faster than EsViT's matching** on the CPU.
+
+A field ``{FILE:PATH:FORMAT}`` reads ``FILE`` from the ``results_dir`` config value
+(``../benchmarks/results`` from ``docs/``), follows ``PATH`` (``/``-separated: a
+key of a mapping, an index of a list, or ``key=value,key=value`` to pick the list
+item with those fields; ``PATH_A|PATH_B`` is the ratio of the two values) and
+formats the value with the Python format spec
+``FORMAT`` (optional; a leading ``ms`` first turns seconds into milliseconds,
+e.g. ``ms.1f``). A missing file or key stops the build with its name.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 from docutils import nodes
 from docutils.parsers.rst import directives
+from docutils.statemachine import StringList
 from docutils.utils import new_document
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
@@ -118,8 +139,81 @@ class ResultsInclude(SphinxDirective):
         return [container]
 
 
+_FIELD = re.compile(r"\{([\w.-]+\.json):([^:{}]+)(?::([^{}]*))?\}")
+
+
+def lookup(data: Any, path: str) -> Any:
+    """Follow a ``/``-separated path through parsed JSON (see the module docstring).
+
+    Raises
+    ------
+    KeyError
+        If a step of the path is not there, naming the step.
+    """
+    for step in path.split("/"):
+        if isinstance(data, dict) and step in data:
+            data = data[step]
+        elif isinstance(data, list) and step.lstrip("-").isdigit() and -len(data) <= int(step) < len(data):
+            data = data[int(step)]
+        elif isinstance(data, list) and "=" in step:
+            wanted = dict(pair.split("=", 1) for pair in step.split(","))
+            matches = [item for item in data if isinstance(item, dict)
+                       and all(str(item.get(k)) == v for k, v in wanted.items())]
+            if len(matches) != 1:
+                raise KeyError(f"{step!r} picks {len(matches)} items, not one")
+            data = matches[0]
+        else:
+            raise KeyError(f"no {step!r}")
+    return data
+
+
+def fill_fields(text: str, read_json) -> str:
+    """Replace each ``{FILE:PATH:FORMAT}`` field of ``text`` by the formatted value."""
+
+    def value(match: re.Match[str]) -> str:
+        name, path, spec = match.groups()
+        try:
+            data = read_json(name)
+            found, *divisor = (lookup(data, part) for part in path.split("|"))
+            if divisor:
+                found = found / divisor[0]
+        except KeyError as error:
+            raise KeyError(f"{name}:{path}: {error.args[0]}") from None
+        spec = spec or ""
+        if spec.startswith("ms"):
+            found, spec = found * 1000.0, spec[2:]
+        return format(found, spec)
+
+    return _FIELD.sub(value, text)
+
+
+class Verdict(SphinxDirective):
+    """A results section's verdict, its numbers read from the benchmark's JSON."""
+
+    has_content = True
+
+    def run(self) -> list[nodes.Node]:
+        results_dir = Path(self.env.app.confdir) / self.config.results_dir
+
+        def read_json(name: str) -> Any:
+            path = results_dir / name
+            self.env.note_dependency(str(path))
+            return json.loads(path.read_text(encoding="utf-8"))
+
+        try:
+            text = fill_fields("\n".join(self.content), read_json)
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            raise self.error(f"verdict: {error}") from error
+        container = nodes.container(classes=["verdict"])
+        self.state.nested_parse(StringList(text.splitlines(), source=self.content.source(0)),
+                                self.content_offset, container)
+        return [container]
+
+
 def setup(app: Sphinx) -> dict[str, object]:
     app.setup_extension("myst_parser")
+    app.add_config_value("results_dir", "../benchmarks/results", "env")
     app.add_directive("results-include", ResultsInclude)
+    app.add_directive("verdict", Verdict)
     app.add_css_file("results.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True}
