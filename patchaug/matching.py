@@ -41,11 +41,14 @@ the tests check that :func:`match_patches` gives exactly its pairs.
 
 Engines
 -------
-:func:`match_patches` computes every sample at once with one of two private engines,
-the same batched algorithm on two array libraries: ``_match_numpy`` (numpy arrays,
-chosen when the boxes are on the CPU or are not tensors: far less dispatch overhead)
-and ``_match_torch`` (torch tensors, every other device). They take the arguments of
-:func:`match_patches` and give bit-identical results; there is no global switch.
+:func:`match_patches` computes every sample at once with one of three engines, chosen
+per call by its ``engine`` argument (``"auto"`` by default; there is no global switch).
+``"numpy"`` and ``"torch"`` are the same batched algorithm on two array libraries:
+numpy arrays (``"auto"`` for boxes on the CPU or not tensors: far less dispatch overhead)
+and torch tensors (any device). ``"triton"`` (``"auto"`` on CUDA when Triton is
+installed) is a fused kernel, :mod:`patchaug.matching_triton`, that does the same float64
+steps in one launch; :func:`match_view_pairs` runs it for all pairs of views of a
+multi-crop step at once. All give bit-identical results.
 """
 
 from __future__ import annotations
