@@ -633,6 +633,11 @@ def _main(argv: Sequence[str] | None) -> dict[str, Any]:
     if init_top1 is not None and final_top1 is not None:
         say(f"k-NN top-1: {init_top1:.2f}% at initialisation -> {final_top1:.2f}% after "
             f"{args.epochs} epochs ({final_top1 - init_top1:+.2f} points); wall time {wall:.0f} s")
+        if knn_loaders is not None:  # the regime: what the input itself gives, same images, k and T
+            from pwself_reference.evaluation.baselines import raw_pixel_knn
+
+            pixels = raw_pixel_knn(knn_loaders, args.knn_k, args.knn_temperature, num_classes)[0]
+            say(f"k-NN top-1 on raw pixels (flattened input, same k-NN): {pixels:.2f}%")
     say(f"outputs in {out_dir}")
     return summary
 
