@@ -255,10 +255,12 @@ def test_plots_draw_from_the_committed_results(tmp_path: Path) -> None:
         assert (RESULTS / out.name).is_file(), f"{out.name} is not committed"
 
 
-def test_reproduction_plot_pairs_every_arm_with_dino(tmp_path: Path) -> None:
+def test_reproduction_plot_takes_new_arms_and_unseeded_baselines(tmp_path: Path) -> None:
     from make_results_plots import plot_reproduction_arms
 
     runs = [{"arm": arm, "seed": seed, "knn20": 50.0 + bump + seed, "linear": 60.0 - bump}
-            for arm, bump in (("dino", 0.0), ("new-baseline", -9.0)) for seed in (0, 1)]
+            for arm, bump in (("dino", 0.0), ("new-arm", -9.0)) for seed in (0, 1)]
+    runs.append({"arm": "raw pixels", "knn20": 78.7, "linear": 78.4})  # no seed
+    runs.append({"arm": "knn only", "seed": 0, "knn20": 40.0})  # no linear probe
     (tmp_path / "reproduction.json").write_text(json.dumps({"runs": runs}))
     assert plot_reproduction_arms(tmp_path).is_file()

@@ -14,7 +14,8 @@ Reads ``benchmarks/results/*.json`` and writes, next to them:
   CPU with 2 threads and with 1 (``patch_jitter_gpu.json`` records no engine:
   it predates the Triton kernel, so it is left out);
 * ``reproduction_arms.png``: the Fashion-MNIST reproduction, each arm's k-NN and
-  linear accuracy minus DINO's with the same seed, one dot per seed, mean ± std;
+  linear accuracy, one dot per seed (a colour per seed, so pairs with DINO show),
+  mean ± std over seeds, DINO's mean as a line, unseeded baselines as crosses;
 * ``gpu_throughput.png``: training images/s (and the ratio to DINO's time per
   image) and peak memory on a GPU, per architecture and configuration.
 
@@ -183,40 +184,56 @@ def plot_patch_jitter(results: Path) -> Path | None:
 
 
 def plot_reproduction_arms(results: Path) -> Path | None:
-    """Each arm's accuracy minus DINO's with the same seed: a dot per seed, mean ± std."""
+    """Each arm's accuracy: a dot per seed (one colour per seed), mean ± std, DINO's mean.
+
+    A run without a seed (a baseline evaluated once, e.g. raw pixels) is one cross.
+    """
     data = _load(results, "reproduction.json")
     if data is None:
         return None
     runs = data["runs"]
-    dino = {r["seed"]: r for r in runs if r["arm"] == "dino"}
-    arms = [arm for arm in dict.fromkeys(r["arm"] for r in runs) if arm != "dino"]
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
+    seed_colour = {seed: f"C{i % 10}" for i, seed in enumerate(seeds)}
     metrics = {"knn20": "k-NN top-1 (k=20)", "linear": "linear probe top-1"}
-    fig, axes = plt.subplots(1, len(metrics), figsize=(10, 0.45 * len(arms) + 1.6),
-                             sharey=True)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(10, 0.4 * len(arms) + 1.8), sharey=True)
+    labelled: set[str] = set()
+
+    def label(name: str) -> str | None:
+        """The legend label the first time it is drawn, then none (one legend entry each)."""
+        if name in labelled:
+            return None
+        labelled.add(name)
+        return name
+
     for ax, (metric, title) in zip(axes, metrics.items()):
         for i, arm in enumerate(arms):
-            deltas = [r[metric] - dino[r["seed"]][metric] for r in runs
-                      if r["arm"] == arm and r.get(metric) is not None
-                      and dino.get(r["seed"], {}).get(metric) is not None]
-            if not deltas:
-                continue
-            ax.scatter(deltas, [i] * len(deltas), s=14, color="tab:gray", zorder=3,
-                       label="one seed" if i == 0 else None)
-            mean = statistics.fmean(deltas)
-            std = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
-            colour = "tab:green" if mean > 0 else "tab:red"
-            ax.errorbar(mean, i, xerr=std, fmt="D", color=colour, ms=5, capsize=3, zorder=4,
-                        label="mean ± std over seeds" if i == 0 else None)
-        ax.axvline(0.0, color="black", lw=0.8)
+            mine = [r for r in runs if r["arm"] == arm and r.get(metric) is not None]
+            seeded = [r for r in mine if r.get("seed") is not None]
+            for r in seeded:
+                ax.scatter(r[metric], i, s=16, color=seed_colour[r["seed"]], zorder=3,
+                           label=label(f"seed {r['seed']}"))
+            for r in mine:
+                if r.get("seed") is None:
+                    ax.scatter(r[metric], i, marker="x", s=30, color="black", zorder=3,
+                               label=label("no seed (evaluated once)"))
+            if len(seeded) > 1:
+                values = [r[metric] for r in seeded]
+                ax.errorbar(statistics.fmean(values), i, xerr=statistics.stdev(values), fmt="D", color="black",
+                            mfc="none", ms=6, capsize=3, zorder=4,
+                            label=label("mean ± std over seeds"))
+            if arm == "dino" and seeded:
+                ax.axvline(statistics.fmean(r[metric] for r in seeded), color="black",
+                           ls="--", lw=0.8, label=label("DINO mean"))
         ax.set_yticks(range(len(arms)), arms, fontsize=8)
-        ax.set_title(f"{title} minus DINO's, same seed", fontsize=9)
-        ax.set_xlabel("percentage points")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("top-1 accuracy (%)")
         ax.grid(axis="x", alpha=0.3)
     axes[0].invert_yaxis()
-    _legend_below(axes[0], ncol=2, offset=0.18)
+    _legend_below(axes[0], ncol=3, offset=0.16)
     meta = data.get("meta", {})
-    fig.suptitle(f"Fashion-MNIST reproduction: {len(arms)} arms against DINO, seeds "
-                 f"{meta.get('seeds', '?')}, {' '.join(meta.get('recipe', []))}", fontsize=10)
+    fig.suptitle(f"Fashion-MNIST reproduction: every arm and seed "
+                 f"({' '.join(meta.get('recipe', []))})", fontsize=10)
     fig.tight_layout()
     return _save(fig, results / "reproduction_arms.png")
 
