@@ -81,7 +81,7 @@ __all__ = [
 #: the head's last layer does in the unfused step); the rest of the fused loss is the loss
 LAST_LAYER_LABEL = "FusedHeadLoss.last_layer"
 #: torch.profiler label of the whole fused loss (forward, which computes the gradient too)
-FUSED_LOSS_LABEL = "FusedHeadLoss"
+FUSED_LOSS_LABEL = "FusedHeadLoss.chunks"
 #: float32 values per ``(chunk, K)`` buffer by default: 2**25 (128 MiB), i.e. 512 rows at
 #: K = 65536 and every row at K = 1000 up to 33554 rows
 DEFAULT_CHUNK_VALUES = 1 << 25
@@ -428,65 +428,82 @@ def _fused_chunks(plan, xs, ws, xt, wt, center, center_index, student_temp, teac
     """The chunk loop of :class:`FusedHeadLoss`; adds into ``loss``, ``grad_x``, ``grad_w``."""
     device = xs.device
     k = ws.shape[0]
-    # the last layer in the matmul dtype, once; the temperature is folded into the features
-    # (x / tau) W^T = (x W^T) / tau
+    # the temperatures are folded into the features and the centre:
+    # (x W^T - c) / tau = (x / tau) W^T - c / tau
     ws_m = ws.to(dtype)
     wt_m = wt.to(dtype)
+    neg_center = center / -teacher_temp                                     # (C, K)
     rows = max(c.student.numel() for c in plan)
     t_rows = max(t.numel() for c in plan for t, _ in c.teacher)
-    # (chunk, K) float32 buffers, allocated once: targets Q, teacher probabilities, student
-    # logits (the last also holds the gathered centre rows before the student logits)
+    # two (chunk, K) float32 buffers, allocated once: the targets Q (then the gradient G),
+    # and the teacher probabilities (then the student logits and softmax)
     q_buf = torch.empty(rows * k, dtype=torch.float32, device=device)
-    p_buf = torch.empty(t_rows * k, dtype=torch.float32, device=device)
-    z_buf = torch.empty(max(rows, t_rows if center_index is not None else 0) * k,
-                        dtype=torch.float32, device=device)
-    per_token = center_index is not None
+    z_buf = torch.empty(max(rows, t_rows) * k, dtype=torch.float32, device=device)
+    # the element-wise passes over the student logits run on blocks of rows that stay in
+    # cache (on the CPU: between the passes a whole chunk would go to memory and back)
+    block = max(1, _BLOCK_VALUES // k) if device.type == "cpu" else rows
+    qz = torch.zeros((), dtype=torch.float32, device=device)
     for chunk in plan:
         n = chunk.student.numel()
         q = q_buf[: n * k].view(n, k)
         q.zero_()
         for t_idx, a in chunk.teacher:
             m = t_idx.numel()
-            p = p_buf[: m * k].view(m, k)
-            with torch.profiler.record_function(LAST_LAYER_LABEL):
-                _mm_into(p, xt.index_select(0, t_idx).to(dtype), wt_m.t())
-            if per_token:  # softmax((t - c) / tau_t)
-                cen = z_buf[: m * k].view(m, k)
-                torch.index_select(center, 0, center_index.index_select(0, t_idx), out=cen)
-                p.sub_(cen)
+            p = z_buf[: m * k].view(m, k)
+            # P = softmax((x_t / tau_t) W_t^T - c / tau_t)
+            if center_index is None:
+                p.copy_(neg_center.expand(m, k))
             else:
-                p.sub_(center)
-            p.div_(teacher_temp)
+                torch.index_select(neg_center, 0, center_index.index_select(0, t_idx), out=p)
+            x_t = (xt.index_select(0, t_idx).float() / teacher_temp).to(dtype)
+            with torch.profiler.record_function(LAST_LAYER_LABEL):
+                _addmm_into(p, x_t, wt_m.t())
             torch.softmax(p, -1, out=p)
-            q.addmm_(a, p)                                      # Q += A P
+            q.addmm_(a, p)                                              # Q += A P
         x_c = xs.index_select(0, chunk.student)
         z = z_buf[: n * k].view(n, k)
         with torch.profiler.record_function(LAST_LAYER_LABEL):
-            _mm_into(z, (x_c.float() / student_temp).to(dtype), ws_m.t())  # z = x W^T / tau_s
-        lse = torch.logsumexp(z, -1)                            # (n,)
+            _addmm_into(z, (x_c.float() / student_temp).to(dtype), ws_m.t(), beta=0.0)
+        # per row: lse = max(z) - log(softmax(z)[argmax]), so softmax is the one exp pass;
         # -sum_k Q log_softmax(z) = c * lse - Q . z   (a teacher row sums to 1)
-        loss.add_(torch.dot(chunk.row_weight, lse) - torch.dot(q.view(-1), z.view(-1)))
+        z_max = torch.empty(n, dtype=torch.float32, device=device)
+        arg = torch.empty(n, dtype=torch.long, device=device)
+        c_scaled = (chunk.row_weight / student_temp).unsqueeze(-1)
+        for r0 in range(0, n, block):
+            r1 = min(n, r0 + block)
+            zb, qb = z[r0:r1], q[r0:r1]
+            torch.max(zb, 1, out=(z_max[r0:r1], arg[r0:r1]))
+            qz.add_(torch.dot(qb.reshape(-1), zb.reshape(-1)))
+            torch.softmax(zb, -1, out=zb)
+            if grad_x is not None:  # G = (c * softmax(z) - Q) / tau_s, in Q's buffer
+                qb.mul_(-1.0 / student_temp).addcmul_(zb, c_scaled[r0:r1])
+        lse = z_max - z.gather(1, arg.unsqueeze(-1)).squeeze(-1).log()
+        loss.add_(torch.dot(chunk.row_weight, lse))
         if grad_x is None:
             continue
-        # G = (c * softmax(z) - Q) / tau_s, in the logits' buffer
-        g = z.sub_(lse.unsqueeze(-1)).exp_()
-        g.mul_((chunk.row_weight / student_temp).unsqueeze(-1)).sub_(q, alpha=1.0 / student_temp)
-        g_m = g.to(dtype)
+        g_m = q.to(dtype)
         with torch.profiler.record_function(LAST_LAYER_LABEL):
             grad_x.index_copy_(0, chunk.student, (g_m @ ws_m).float())       # G W
             if dtype == torch.float32:
                 grad_w.addmm_(g_m.t(), x_c.float())                          # += G^T x
             else:
                 grad_w.add_(g_m.t() @ x_c.to(dtype))
+    loss.sub_(qz)
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out = a @ b`` into a float32 buffer (low-precision products are rounded first, as
-    the unfused head's output is)."""
+#: float32 values per block of rows of the element-wise passes on the CPU (1 MiB)
+_BLOCK_VALUES = 1 << 18
+
+
+def _addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> None:
+    """``out = beta * out + a @ b`` into a float32 buffer (low-precision products are
+    rounded to their dtype first, as the unfused head's output is)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
-        torch.mm(a, b, out=out)
-    else:
+        out.addmm_(a, b, beta=beta)
+    elif beta == 0.0:
         out.copy_(a @ b)
+    else:
+        out.add_(a @ b)
 
 
 def fused_memory_bytes(chunk_rows: int, out_dim: int, bottleneck_dim: int,
