@@ -12,6 +12,7 @@ checkpoint never runs code.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -96,14 +97,38 @@ def load_checkpoint(
     -------
     dict
         The checkpoint.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a file.
+    ValueError
+        If the file is not a readable checkpoint dict (corrupt, truncated, foreign).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        # a truncated, corrupt or foreign file: say which file, not torch's internals
+        reason = ("the file ends early" if isinstance(exc, EOFError)
+                  else _unpickler_refusal(str(exc)) if isinstance(exc, pickle.UnpicklingError)
+                  else str(exc).split(". ")[0])
+        raise ValueError(f"{path} is not a readable checkpoint (corrupt, truncated or not "
+                         f"written by torch.save): {reason}") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a checkpoint dict (got {type(obj).__name__})")
     return obj
+
+
+def _unpickler_refusal(message: str) -> str:
+    """What torch's weights_only error says was refused, without its general advice."""
+    for part in message.split("\n\n"):
+        part = part.strip()
+        if part and "weights_only" not in part and not part.startswith("Check the documentation"):
+            return f"the weights_only unpickler refused it ({part.splitlines()[0].rstrip('.')})"
+    return "the weights_only unpickler refused it"
 
 
 def load_backbone(

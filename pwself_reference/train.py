@@ -474,6 +474,9 @@ def _main(argv: Sequence[str] | None) -> dict[str, Any]:
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads or default_threads())
     out_dir = Path(args.output_dir)
+    if not args.resume and (out_dir / "final.pth").exists():  # never overwrite a finished run
+        raise ConfigError(f"--output-dir {out_dir} holds a finished run (final.pth); give "
+                          "another --output-dir")
     if dinfo.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(args), indent=2) + "\n")
@@ -642,15 +645,24 @@ def _main(argv: Sequence[str] | None) -> dict[str, Any]:
     return summary
 
 
-def cli() -> int:
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``pwself-train``: exit status 2 for a bad configuration or input
+    (a missing or corrupt checkpoint, a data path without images, an output directory that
+    cannot be written or holds a finished run: one line on stderr, the traceback only with
+    ``--debug``), 3 for a non-finite loss."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
-        main()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        main(argv)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except (OSError, ValueError) as exc:  # ConfigError is a ValueError
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

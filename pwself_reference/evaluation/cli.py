@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--num-workers", type=int, default=2, help="data loading workers")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback instead of one line")
 
 
 def _labelled(p: argparse.ArgumentParser) -> None:
@@ -427,13 +430,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = _device(args.device)
+    output = args.output or args.checkpoint.parent / f"eval_{args.protocol}.json"
     started = time.time()
     try:
+        _check_writable(output)  # before the run, not after an hour of features
         body = _RUNNERS[args.protocol](args, device)
-    except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        # the user's input is at fault (a path, a file, a flag): one line, no traceback
+        if args.debug:
+            raise
         print(f"{parser.prog} {args.protocol}: error: {exc}", file=sys.stderr)
         return 2
-    output = args.output or args.checkpoint.parent / f"eval_{args.protocol}.json"
     record = {
         "protocol": args.protocol,
         "checkpoint": str(args.checkpoint),
@@ -446,6 +453,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
     print(f"results written to {output}")
     return 0
+
+
+def _check_writable(output: Path) -> None:
+    """The results file can be written: its directory exists (or is made) and takes a file."""
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a directory; give a file name")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"--output {output}: cannot write to {output.parent} "
+                              f"({exc.strerror or exc})") from exc
 
 
 def _jsonable(obj: Any) -> Any:
