@@ -156,9 +156,18 @@ def load_backbone(
 
     Examples
     --------
-    >>> backbone, config = load_backbone("runs/pwself/final.pth")  # doctest: +SKIP
-    >>> config["arch"], config["patch_size"]  # doctest: +SKIP
-    ('vit_tiny', 4)
+    A checkpoint as ``train.py`` writes it (here with an untrained ViT):
+
+    >>> import tempfile
+    >>> from pwself_reference.models import build_backbone
+    >>> net = build_backbone("vit_tiny", patch_size=16, img_size=32)
+    >>> path = save_checkpoint({
+    ...     "config": {"arch": "vit_tiny", "patch_size": 16, "global_crop_size": 32},
+    ...     "teacher": {f"backbone.{k}": v for k, v in net.state_dict().items()},
+    ... }, tempfile.mkdtemp() + "/final.pth")
+    >>> backbone, config = load_backbone(path)
+    >>> config["arch"], backbone(torch.rand(1, 3, 32, 32)).shape
+    ('vit_tiny', torch.Size([1, 192]))
     """
     from pwself_reference.models import build_backbone
 

@@ -12,10 +12,15 @@ Conventions (the page's reader sees exactly the code that runs):
 * A ``literalinclude`` of Python code must include a file under ``examples/``, which
   ``tests/test_examples.py`` runs; ``::`` literal blocks must not hold Python (they are not
   run, so they are for shell commands and directory layouts only).
+* The docstring examples (``>>>``) of every module the API pages render run too: pytest's
+  ``--doctest-modules`` runs those under its ``testpaths``, this file runs the others, and
+  none may be skipped (``+SKIP`` would show code that never runs).
 """
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import re
 import textwrap
 from collections.abc import Callable
@@ -145,3 +150,43 @@ def test_literal_blocks_hold_no_python() -> None:
             body = textwrap.dedent(match.group(1))
             assert not re.search(r"^(import |from \S+ import |>>> )", body, flags=re.M), (
                 f"{_name(page)}: Python in a literal block\n{body}")
+
+
+# ----------------------------------------------------------------------------- API docstrings
+
+API_MODULES = sorted({name for rst in (DOCS / "api").glob("*.rst")
+                      for name in re.findall(r"^\.\. automodule:: (\S+)", rst.read_text(), flags=re.M)})
+
+
+def _doctested_by_pytest(module: object) -> bool:
+    """Whether pytest's --doctest-modules collects the module (it lies under a testpath)."""
+    listed = re.search(r"^testpaths\s*=\s*\[(.*?)\]", (ROOT / "pyproject.toml").read_text(),
+                       flags=re.M | re.S)
+    testpaths = re.findall(r'"([^"]+)"', listed.group(1)) if listed else []
+    path = Path(module.__file__).resolve()
+    return any(path == (ROOT / t).resolve() or (ROOT / t).resolve() in path.parents
+               for t in testpaths if t != "tests")
+
+
+def _docstring_tests(name: str) -> list[doctest.DocTest]:
+    module = importlib.import_module(name)
+    return [t for t in doctest.DocTestFinder().find(module) if t.examples]
+
+
+def test_the_api_pages_render_modules():
+    assert "patchaug.matching" in API_MODULES and "pwself_reference.checkpoint" in API_MODULES
+
+
+@pytest.mark.parametrize("name", API_MODULES)
+def test_api_docstring_examples_run_and_none_is_skipped(name: str) -> None:
+    tests = _docstring_tests(name)
+    skipped = [t.name for t in tests for ex in t.examples if ex.options.get(doctest.SKIP)]
+    assert not skipped, f"docstring examples that never run: {skipped}"
+    module = importlib.import_module(name)
+    if _doctested_by_pytest(module):
+        return  # run by pytest --doctest-modules already
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report: list[str] = []
+    for test in tests:
+        runner.run(test, out=report.append)
+    assert runner.failures == 0, "".join(report)
