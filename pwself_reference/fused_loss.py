@@ -19,8 +19,10 @@ The loss, for the matched pairs ``p = (s_p, t_p, w_p)``, is
 
 (``t = t_p``, ``s = s_p``, ``c_t`` the centre row of teacher row ``t``). Every
 reduction of :mod:`pwself_reference.losses` (dino, mean, sum, lambda) is a choice
-of the weights ``w_p``; :func:`matched_pairs` builds them from the matches as
-``PWSelfLoss`` does. With ``Q = A P`` (``A`` the ``(N_s, N_t)`` matrix of the
+of the weights ``w_p``, the :class:`~pwself_reference.losses.LossSlots` that
+:meth:`PWSelfLoss.loss_slots <pwself_reference.losses.PWSelfLoss.loss_slots>`
+builds from the matches; ``PWSelfLoss`` calls this loss when the network returns
+the bottleneck features (``MultiCropNetwork(..., features=True)``). With ``Q = A P`` (``A`` the ``(N_s, N_t)`` matrix of the
 weights, ``P`` the teacher probabilities) and ``c`` the row sums of ``A``, the
 gradient to the student logits is ``G = (c * softmax(x_s W_s^T / tau_s) - Q) /
 tau_s``, so
@@ -48,7 +50,8 @@ pass (as ``PWSelfLoss`` does), so the backward pass saves only ``dL/dx_s``
 zero gradient and no logits at all. The centre statistic, the sum of the teacher
 logits of every teacher row per centre row, is ``(sum of x_t per centre row)
 W_t^T`` (the logits are linear in ``x_t``): a ``(C, D) x (D, K)`` product, not a
-pass over every teacher logit (:func:`center_statistic`).
+pass over every teacher logit
+(:meth:`PWSelfLoss.update_center <pwself_reference.losses.PWSelfLoss.update_center>`).
 
 The arithmetic runs in float32 with autocast disabled; for bfloat16 inputs (or
 under bfloat16 autocast) the three matrix products run in bfloat16 and the rest
@@ -61,20 +64,17 @@ against ``PWSelfLoss``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pwself_reference.losses import pair_weights
+from pwself_reference.losses import LossSlots
 
 __all__ = [
-    "LAST_LAYER_LABEL", "FUSED_LOSS_LABEL", "PairIndex", "matched_pairs", "head_bottleneck",
-    "last_layer_weight", "center_statistic", "reference_head_loss", "FusedHeadLoss",
-    "fused_head_loss", "fused_memory_bytes", "DEFAULT_CHUNK_VALUES",
+    "LAST_LAYER_LABEL", "FUSED_LOSS_LABEL", "DEFAULT_CHUNK_VALUES",
+    "reference_head_loss", "FusedHeadLoss", "fused_head_loss", "fused_memory_bytes",
 ]
 
 #: torch.profiler label of the last layer's matrix products inside the fused loss (the work
@@ -85,153 +85,6 @@ FUSED_LOSS_LABEL = "FusedHeadLoss.chunks"
 #: float32 values per ``(chunk, K)`` buffer by default: 2**25 (128 MiB), i.e. 512 rows at
 #: K = 65536 and every row at K = 1000 up to 33554 rows
 DEFAULT_CHUNK_VALUES = 1 << 25
-
-
-@dataclass(frozen=True)
-class PairIndex:
-    """Matched pairs in explicit form: ``weight[p]`` times the cross-entropy between
-    teacher row ``teacher[p]`` and student row ``student[p]`` enters the loss.
-
-    Attributes
-    ----------
-    student, teacher : torch.Tensor
-        ``(P,)`` int64 row indices into the stacked student / teacher rows.
-    weight : torch.Tensor
-        ``(P,)`` float32 weights.
-    """
-
-    student: torch.Tensor
-    teacher: torch.Tensor
-    weight: torch.Tensor
-
-
-def head_bottleneck(head: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The DINO head up to its last layer: ``x / ||x||`` of the MLP output, ``(..., D)``.
-
-    ``head(tokens) == head_bottleneck(head, tokens) @ last_layer_weight(head).T`` (the
-    same operations as :meth:`~pwself_reference.models.DINOHead.forward`).
-    """
-    return F.normalize(head.mlp(tokens), dim=-1, eps=1e-6)
-
-
-def last_layer_weight(head: nn.Module) -> torch.Tensor:
-    """The weight-normalised last layer ``g * v / ||v||`` of a DINO head, ``(K, D)``.
-
-    Differentiable in ``v`` and, when it trains (``norm_last_layer=False``), in ``g``.
-    """
-    return head.last_g * F.normalize(head.last_v, dim=-1)
-
-
-def center_statistic(teacher_features: torch.Tensor, teacher_weight: torch.Tensor,
-                     center_index: torch.Tensor | None, n_center: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of the teacher logits ``x_t W_t^T`` over the rows of every centre row.
-
-    Parameters
-    ----------
-    teacher_features : torch.Tensor
-        ``(N_t, D)`` teacher bottleneck features.
-    teacher_weight : torch.Tensor
-        ``(K, D)`` teacher last layer.
-    center_index : torch.Tensor or None
-        ``(N_t,)`` int64 centre row of every teacher row; None: all rows, one centre.
-    n_center : int
-        Number of centre rows ``C``.
-
-    Returns
-    -------
-    sums : torch.Tensor
-        ``(C, K)`` float32 sums of the logits (computed as ``(sum of x_t) W_t^T``).
-    counts : torch.Tensor
-        ``(C,)`` float32 number of teacher rows per centre row.
-    """
-    x = teacher_features.detach().float()
-    if center_index is None:
-        feat_sum = x.sum(0, keepdim=True)
-        counts = torch.full((1,), float(x.shape[0]), device=x.device)
-        if n_center != 1:
-            raise ValueError(f"center_index=None needs n_center=1, got {n_center}")
-    else:
-        feat_sum = torch.zeros(n_center, x.shape[1], device=x.device)
-        feat_sum.index_add_(0, center_index, x)
-        counts = torch.zeros(n_center, device=x.device)
-        counts.index_add_(0, center_index, torch.ones_like(center_index, dtype=torch.float32))
-    with torch.autocast(x.device.type, enabled=False):
-        return feat_sum @ teacher_weight.detach().float().t(), counts
-
-
-def matched_pairs(
-    matches: Mapping[tuple[int, int], object] | None,
-    loss: str,
-    lam: float,
-    batch: int,
-    teacher_tokens: Sequence[int],
-    student_tokens: Sequence[int],
-    device: torch.device | str = "cpu",
-) -> PairIndex:
-    """The pairs and weights of :class:`~pwself_reference.losses.PWSelfLoss`, explicit.
-
-    Rows are stacked as :class:`~pwself_reference.network.MultiCropNetwork` stacks its
-    head input: view after view, image after image, token after token; the teacher's
-    global views are the first student views.
-
-    Parameters
-    ----------
-    matches : mapping or None
-        ``matches[(i, j)]`` holds ``idx_a`` (teacher view ``i``), ``idx_b`` (student view
-        ``j``) and ``valid``, all ``(B, M)``, slot 0 the (CLS, CLS) pair. Not used for
-        ``loss="dino"``.
-    loss : {"dino", "mean", "sum", "lambda"}
-        The reduction (weights as :func:`pwself_reference.losses.pair_weights`).
-    lam : float
-        CLS weight of ``loss="lambda"``.
-    batch : int
-        Images ``B``.
-    teacher_tokens, student_tokens : sequence of int
-        Rows per image of every teacher / student view.
-    device : torch.device or str
-        Where the indices go.
-
-    Returns
-    -------
-    PairIndex
-        Weights already divided by ``B`` times the number of view pairs, so that the
-        loss is their weighted sum.
-    """
-    n_t, n_s = len(teacher_tokens), len(student_tokens)
-    pairs = [(i, j) for j in range(n_s) for i in range(n_t) if i != j]
-    if not pairs:
-        raise ValueError("no (teacher, student) view pair with different views")
-    scale = 1.0 / (batch * len(pairs))
-    t_off = np.cumsum([0] + [batch * r for r in teacher_tokens]).tolist()
-    s_off = np.cumsum([0] + [batch * r for r in student_tokens]).tolist()
-    base = torch.arange(batch, device=device).unsqueeze(1)
-    students, teachers, weights = [], [], []
-    for i, j in pairs:
-        if loss == "dino":
-            idx_a = idx_b = torch.zeros(batch, 1, dtype=torch.long, device=device)
-            w = torch.full((batch, 1), scale, device=device)
-        else:
-            if matches is None or (i, j) not in matches:
-                raise ValueError(f"loss {loss!r} needs matches[({i}, {j})]")
-            m = matches[(i, j)]
-            idx_a, idx_b, valid = (x.to(device) for x in (m.idx_a, m.idx_b, m.valid))
-            if not (idx_a.dim() == 2 and idx_a.shape[0] == batch
-                    and idx_a.shape == idx_b.shape == valid.shape):
-                raise ValueError(
-                    f"matches[({i}, {j})] must hold (B={batch}, M) idx_a, idx_b and valid, got "
-                    f"{tuple(idx_a.shape)}, {tuple(idx_b.shape)} and {tuple(valid.shape)}")
-            bad = valid & ((idx_a < 0) | (idx_a >= teacher_tokens[i]) | (idx_b < 0)
-                           | (idx_b >= student_tokens[j]))
-            if bool(bad.any()):
-                raise ValueError("matches hold token indices outside the teacher or student "
-                                 "outputs")
-            w = pair_weights(valid, loss, lam) * scale
-        keep = w != 0
-        students.append((s_off[j] + base * student_tokens[j] + idx_b)[keep])
-        teachers.append((t_off[i] + base * teacher_tokens[i] + idx_a)[keep])
-        weights.append(w[keep])
-    return PairIndex(torch.cat(students), torch.cat(teachers), torch.cat(weights).float())
 
 
 def _check_inputs(student_features, student_weight, teacher_features, teacher_weight, center,
@@ -258,13 +111,14 @@ def _check_inputs(student_features, student_weight, teacher_features, teacher_we
     elif center_index.shape != (teacher_features.shape[0],) or center_index.dtype != torch.long:
         raise ValueError(f"center_index must be an int64 ({teacher_features.shape[0]},) tensor, "
                          f"got {center_index.dtype} {tuple(center_index.shape)}")
-    if not isinstance(pairs, PairIndex):
-        raise TypeError(f"pairs must be a PairIndex, got {type(pairs).__name__}")
-    p = pairs.student.shape
-    if (pairs.student.dim() != 1 or pairs.teacher.shape != p or pairs.weight.shape != p
-            or pairs.student.dtype != torch.long or pairs.teacher.dtype != torch.long):
-        raise ValueError("pairs.student and pairs.teacher must be int64 (P,) tensors and "
-                         "pairs.weight a (P,) tensor")
+    if not isinstance(pairs, LossSlots):
+        raise TypeError(f"pairs must be a LossSlots, got {type(pairs).__name__}")
+    p = pairs.student_row.shape
+    if (pairs.student_row.dim() != 1 or pairs.teacher_row.shape != p
+            or pairs.weight.shape != p or pairs.student_row.dtype != torch.long
+            or pairs.teacher_row.dtype != torch.long):
+        raise ValueError("pairs.student_row and pairs.teacher_row must be int64 (P,) tensors "
+                         "and pairs.weight a (P,) tensor")
     if not (student_temp > 0 and teacher_temp > 0):
         raise ValueError(f"temperatures must be > 0, got {student_temp!r} and {teacher_temp!r}")
 
@@ -272,7 +126,7 @@ def _check_inputs(student_features, student_weight, teacher_features, teacher_we
 def reference_head_loss(
     student_features: torch.Tensor, student_weight: torch.Tensor,
     teacher_features: torch.Tensor, teacher_weight: torch.Tensor,
-    center: torch.Tensor, pairs: PairIndex, student_temp: float, teacher_temp: float,
+    center: torch.Tensor, pairs: LossSlots, student_temp: float, teacher_temp: float,
     center_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of :func:`fused_head_loss` written with every logit at once (the specification).
@@ -288,7 +142,8 @@ def reference_head_loss(
         c = center if center_index is None else center[center_index]           # (N_t or 1, K)
         teacher_probs = F.softmax((t_logits - c.float()) / teacher_temp, dim=-1)
         student_log_probs = F.log_softmax(s_logits / student_temp, dim=-1)
-        ce = -(teacher_probs[pairs.teacher] * student_log_probs[pairs.student]).sum(-1)  # (P,)
+        ce = -(teacher_probs[pairs.teacher_row]
+               * student_log_probs[pairs.student_row]).sum(-1)                  # (P,)
         return (pairs.weight.float() * ce).sum()
 
 
@@ -299,13 +154,13 @@ class _Chunk:
     teacher: list[tuple[torch.Tensor, torch.Tensor]]     # (teacher rows, sparse (n, m) A)
 
 
-def _plan(pairs: PairIndex, n_student: int, n_teacher: int, chunk_rows: int,
+def _plan(pairs: LossSlots, n_student: int, n_teacher: int, chunk_rows: int,
           device: torch.device) -> list[_Chunk]:
     """Chunks of the student rows with a pair: whole connected groups of rows (images)
     together where they fit in ``chunk_rows``; per chunk, its teacher rows in pieces of at
     most ``chunk_rows`` with the pair weights as a sparse matrix. One host sync."""
-    s = pairs.student.detach().cpu().numpy()
-    t = pairs.teacher.detach().cpu().numpy()
+    s = pairs.student_row.detach().cpu().numpy()
+    t = pairs.teacher_row.detach().cpu().numpy()
     w = pairs.weight.detach().float().cpu().numpy()
     if s.size and (s.min() < 0 or s.max() >= n_student or t.min() < 0 or t.max() >= n_teacher):
         raise ValueError(f"pairs index rows outside the {n_student} student / {n_teacher} "
@@ -520,7 +375,7 @@ def fused_head_loss(
     teacher_features: torch.Tensor,
     teacher_weight: torch.Tensor,
     center: torch.Tensor,
-    pairs: PairIndex,
+    pairs: LossSlots,
     student_temp: float,
     teacher_temp: float,
     center_index: torch.Tensor | None = None,
@@ -531,15 +386,16 @@ def fused_head_loss(
     Parameters
     ----------
     student_features : torch.Tensor
-        ``(N_s, D)`` student bottleneck features (:func:`head_bottleneck`).
+        ``(N_s, D)`` student bottleneck features (``DINOHead.bottleneck``).
     student_weight : torch.Tensor
-        ``(K, D)`` student last layer (:func:`last_layer_weight`).
+        ``(K, D)`` student last layer (``DINOHead.last_layer_weight()``).
     teacher_features, teacher_weight : torch.Tensor
         ``(N_t, D)`` and ``(K, D)``, the teacher's; no gradient flows to them.
     center : torch.Tensor
         ``(C, K)`` centre.
-    pairs : PairIndex
-        The matched pairs and their weights (:func:`matched_pairs`).
+    pairs : LossSlots
+        The matched pairs (student row, teacher row) and their weights
+        (:meth:`PWSelfLoss.loss_slots <pwself_reference.losses.PWSelfLoss.loss_slots>`).
     student_temp, teacher_temp : float
         Temperatures.
     center_index : torch.Tensor, optional
@@ -558,7 +414,7 @@ def fused_head_loss(
     >>> xs = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_()
     >>> xt = F.normalize(torch.randn(3, 8), dim=-1)
     >>> w = torch.randn(16, 8)
-    >>> pairs = PairIndex(torch.tensor([0, 4]), torch.tensor([2, 2]), torch.tensor([0.5, 0.5]))
+    >>> pairs = LossSlots(torch.tensor([0, 4]), torch.tensor([2, 2]), torch.tensor([0.5, 0.5]))
     >>> args = (xs, w, xt, w, torch.zeros(1, 16), pairs, 0.1, 0.04)
     >>> fused = fused_head_loss(*args, chunk_size=1)
     >>> torch.allclose(fused, reference_head_loss(*args))

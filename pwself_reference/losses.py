@@ -622,6 +622,11 @@ class PWSelfLoss(nn.Module):
         # outputs (their kept tokens), P: weighted (teacher token, student token) slots
         student, teacher = _rows(student_out), _rows(teacher_out)   # rows (R_s, K), (R_t, K)
         slots = self.loss_slots(student, teacher, matches)          # (P,) rows and weights
+        if student.last_layer is not None:  # bottleneck features: the head's last layer fused
+            loss = self._fused_loss(student, teacher, slots, epoch)
+            if update_center:
+                self.update_center(teacher)
+            return loss
         with _no_autocast(student.rows.device):
             # P_t = softmax((t - C) / tau_t)                                      (R_t, K)
             probs = self._teacher_row_probs(teacher, epoch)
@@ -694,6 +699,23 @@ class PWSelfLoss(nn.Module):
         self.last_stats = {"matched_tokens": matched / len(pairs)}
         return slots
 
+    def _fused_loss(self, student: HeadOutput, teacher: HeadOutput, slots: LossSlots,
+                    epoch: int) -> torch.Tensor:
+        """The same loss from the bottleneck features and the last layers, chunk by chunk
+        (:func:`pwself_reference.fused_loss.fused_head_loss`)."""
+        from pwself_reference.fused_loss import fused_head_loss
+
+        if teacher.last_layer is None:
+            raise ValueError("the student outputs are bottleneck features (last_layer set): "
+                             "the teacher's must be too")
+        for t in teacher.tokens:
+            self._check_center(t)
+        index = teacher.token_of_rows() if self.center_mode == "per-token" else None
+        return fused_head_loss(student.rows, student.last_layer,
+                               teacher.rows[: teacher.n_rows], teacher.last_layer,
+                               self.center[0], slots, self.student_temp,
+                               self.teacher_temp(epoch), center_index=index)
+
     def _check_center(self, tokens: int) -> None:
         if self.center_mode == "per-token" and self.center.shape[1] != tokens:
             raise ValueError(
@@ -733,6 +755,8 @@ class PWSelfLoss(nn.Module):
         teacher = _rows(teacher_out)
         with torch.profiler.record_function(CENTER_LABEL):
             batch_sum, count = self._batch_sum(teacher)
+            if teacher.last_layer is not None:  # sums of features: the logits are linear in them
+                batch_sum = batch_sum @ teacher.last_layer.detach().float().t()
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(batch_sum)
                 dist.all_reduce(count)

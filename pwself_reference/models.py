@@ -173,9 +173,15 @@ class DINOHead(nn.Module):
         self.norm_last_layer = norm_last_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
-        weight = self.last_g * F.normalize(self.last_v, dim=-1)
-        return x @ weight.t()
+        return self.bottleneck(x) @ self.last_layer_weight().t()
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The head up to its last layer: ``x / ||x||`` of the MLP output, ``(..., D)``."""
+        return F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+
+    def last_layer_weight(self) -> torch.Tensor:
+        """The weight-normalised last layer ``g * v / ||v||``, ``(out_dim, bottleneck_dim)``."""
+        return self.last_g * F.normalize(self.last_v, dim=-1)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters DINO freezes during the first epoch(s)."""

@@ -64,6 +64,10 @@ class HeadOutput:
     kept : torch.Tensor or None
         ``(n_rows,)`` int64 increasing flat positions of the rows; ``None`` when
         every token is kept, in order (row ``r`` is flat position ``r``).
+    last_layer : torch.Tensor or None
+        ``(K, D)`` weight of the head's last layer when ``rows`` are the head's
+        ``(R_buf, D)`` bottleneck features rather than its outputs (``rows @
+        last_layer.T``), for the fused loss (:mod:`pwself_reference.fused_loss`).
 
     Examples
     --------
@@ -76,6 +80,7 @@ class HeadOutput:
     batch: int
     tokens: tuple[int, ...]
     kept: torch.Tensor | None = None
+    last_layer: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.tokens = tuple(int(t) for t in self.tokens)
@@ -199,7 +204,8 @@ class MultiCropNetwork(nn.Module):
         self.head = head
 
     def forward(self, views: Sequence[torch.Tensor], all_tokens: bool = False,
-                keep: Sequence[torch.Tensor] | None = None) -> HeadOutput:
+                keep: Sequence[torch.Tensor] | None = None,
+                features: bool = False) -> HeadOutput:
         """Head outputs of the kept tokens of every view.
 
         Parameters
@@ -211,6 +217,11 @@ class MultiCropNetwork(nn.Module):
         keep : sequence of torch.Tensor, optional
             Per view a ``(B, T_v)`` bool mask of the tokens to run the head on
             (``T_v = 1 + rows * cols``); overrides ``all_tokens``.
+        features : bool
+            Stop before the head's last layer: the rows are the bottleneck features
+            and ``last_layer`` its weight (the head's ``bottleneck`` and
+            ``last_layer_weight``, computed here so that a distributed wrapper sees
+            every parameter used in the forward pass), for the fused loss.
 
         Returns
         -------
@@ -241,8 +252,10 @@ class MultiCropNetwork(nn.Module):
             tokens += [x.shape[1]] * len(g)
             flat.append(x.reshape(-1, x.shape[-1]))
         x = torch.cat(flat, dim=0)  # (sum_v B T_v, D)
+        head = self.head.bottleneck if features else self.head
+        last_layer = self.head.last_layer_weight() if features else None
         if keep is None:
-            return HeadOutput(self.head(x), batch, tuple(tokens))
+            return HeadOutput(head(x), batch, tuple(tokens), last_layer=last_layer)
         for v, (mask, t) in enumerate(zip(keep, tokens)):
             if mask.shape != (batch, t) or mask.dtype != torch.bool:
                 raise ValueError(f"keep[{v}] must be a ({batch}, {t}) bool mask, got "
@@ -251,4 +264,4 @@ class MultiCropNetwork(nn.Module):
         n = kept.shape[0]
         buffer = torch.cat([x.index_select(0, kept),
                             x.new_zeros(static_rows(n, x.shape[0]) - n, x.shape[1])])
-        return HeadOutput(self.head(buffer), batch, tuple(tokens), kept)
+        return HeadOutput(head(buffer), batch, tuple(tokens), kept, last_layer)

@@ -8,18 +8,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from patchaug import PatchMatch
-from pwself_reference.fused_loss import (
-    PairIndex,
-    _plan,
-    center_statistic,
-    fused_head_loss,
-    head_bottleneck,
-    last_layer_weight,
-    matched_pairs,
-    reference_head_loss,
-)
-from pwself_reference.losses import LOSSES, PWSelfLoss
-from pwself_reference.models import DINOHead
+from pwself_reference.augment import CropSpec, batched_multicrop, match_views, view_grids
+from pwself_reference.fused_loss import _plan, fused_head_loss, reference_head_loss
+from pwself_reference.losses import LOSSES, LossSlots, PWSelfLoss, matched_token_masks
+from pwself_reference.models import DINOHead, build_backbone
+from pwself_reference.network import HeadOutput, MultiCropNetwork
 
 B, D, K = 3, 8, 48
 T_TEACHER = 5                  # tokens per global view
@@ -44,6 +37,14 @@ def random_matches(gen: torch.Generator, n_teacher: int = 2, s_tokens=S_TOKENS,
             valid[:, 0] = True
             out[(i, j)] = PatchMatch(idx_a=idx_a, idx_b=idx_b, valid=valid)
     return out
+
+
+def matched_pairs(matches, loss: str, lam: float = 0.3) -> LossSlots:
+    """PWSelfLoss's weighted slots for rows stacked view by view (D-wide rows will do)."""
+    crit = PWSelfLoss(K, T_TEACHER, loss=loss, lam=lam)
+    student = HeadOutput(torch.zeros(B * sum(S_TOKENS), D), B, tuple(S_TOKENS))
+    teacher = HeadOutput(torch.zeros(2 * B * T_TEACHER, D), B, (T_TEACHER, T_TEACHER))
+    return crit.loss_slots(student, teacher, matches)
 
 
 def setup(seed: int = 0, norm_last_layer: bool = True):
@@ -85,7 +86,7 @@ def test_fused_equals_reference(loss, mode, chunk, norm_last_layer):
     gen, xs, v, g, xt, wt = setup(1, norm_last_layer)
     xs.requires_grad_()
     c, index = centre(gen, mode)
-    pairs = matched_pairs(random_matches(gen), loss, 0.3, B, [T_TEACHER] * 2, S_TOKENS)
+    pairs = matched_pairs(random_matches(gen), loss)
     leaves = [xs, v, g]
     ref = reference_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
                               center_index=index)
@@ -102,7 +103,7 @@ def test_fused_bfloat16(loss, mode):
     """bfloat16 features and weight: the products in bfloat16, loose tolerance."""
     gen, xs, v, g, xt, wt = setup(2)
     c, index = centre(gen, mode)
-    pairs = matched_pairs(random_matches(gen), loss, 0.5, B, [T_TEACHER] * 2, S_TOKENS)
+    pairs = matched_pairs(random_matches(gen), loss, 0.5)
     xs_b = xs.bfloat16().requires_grad_()
     args = (xt.bfloat16(), wt.bfloat16(), c, pairs, TAU_S, TAU_T)
     ref = reference_head_loss(xs_b, (g * F.normalize(v, dim=-1)).bfloat16(), *args,
@@ -119,7 +120,7 @@ def test_fused_bfloat16(loss, mode):
 def test_fused_under_bf16_autocast_close_to_float32():
     gen, xs, v, g, xt, wt = setup(3)
     c, index = centre(gen, "per-token")
-    pairs = matched_pairs(random_matches(gen), "mean", 0.5, B, [T_TEACHER] * 2, S_TOKENS)
+    pairs = matched_pairs(random_matches(gen), "mean")
     xs.requires_grad_()
     ref = reference_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
                               center_index=index)
@@ -132,41 +133,70 @@ def test_fused_under_bf16_autocast_close_to_float32():
         close(a, b, 5e-2)
 
 
+def _network_setup(loss: str, center: str, seed: int = 0):
+    torch.manual_seed(seed)
+    head = DINOHead(24, 40, hidden_dim=16, bottleneck_dim=8, norm_last_layer=center == "global")
+    net = MultiCropNetwork(build_backbone("vit_tiny", 4, 16, depth=1, embed_dim=24, num_heads=2),
+                           head)
+    spec = CropSpec(16, 8, n_global=2, n_local=3, local_scale=(0.05, 0.3))
+    mb = batched_multicrop(torch.rand(3, 3, 20, 24), spec)
+    views = [(v - 0.5) / 0.25 for v in mb.views]
+    matches = match_views(mb.boxes, mb.flips, view_grids(views, 4), 2, "half")
+    crit = PWSelfLoss(40, n_teacher_tokens=17 if loss != "dino" else 1, loss=loss, lam=0.3,
+                      center=center,
+                      teacher_temps=[0.05])
+    crit.center.normal_()
+    return net, views, matches, crit
+
+
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("mode", ["global", "per-token"])
-def test_fused_equals_pwself_loss(loss, mode):
-    """Same value, gradients and centre update as PWSelfLoss on the head outputs."""
-    gen, xs, v, g, xt, wt = setup(4)
-    xs.requires_grad_()
-    c, index = centre(gen, mode)
-    matches = random_matches(gen)
-    crit = PWSelfLoss(K, T_TEACHER, loss=loss, lam=0.3, center=mode, teacher_temps=[TAU_T],
-                      student_temp=TAU_S)
-    crit.center.copy_(c.unsqueeze(0))
-    w = g * F.normalize(v, dim=-1)
-    s_out = list((xs @ w.t()).split([B * t for t in S_TOKENS]))
-    s_out = [o.view(B, t, K) for o, t in zip(s_out, S_TOKENS)]
-    t_out = [o.view(B, T_TEACHER, K) for o in (xt @ wt.t()).split(B * T_TEACHER)]
-    ref = crit(s_out, t_out, matches, epoch=0, update_center=True)
-    pairs = matched_pairs(matches, loss, 0.3, B, [T_TEACHER] * 2, S_TOKENS)
-    fused = fused_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
-                            center_index=index, chunk_size=6)
-    assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads(fused, [xs, v]), grads(ref, [xs, v])):
-        close(a, b, 1e-5)
-    # the centre update: EMA with the mean teacher logit per centre row
-    sums, counts = center_statistic(xt, wt, index, c.shape[0])
-    new = 0.9 * c + 0.1 * sums / counts.unsqueeze(-1)
-    assert torch.allclose(new, crit.center[0], atol=1e-5)
+@pytest.mark.parametrize("center", ["global", "per-token"])
+@pytest.mark.parametrize("head_tokens", ["all", "matched"])
+def test_pwself_loss_on_features_equals_pwself_loss_on_outputs(loss, center, head_tokens):
+    """A real network: PWSelfLoss on the bottleneck features (fused) gives the value, the
+    parameter gradients and the centre update of PWSelfLoss on the head outputs."""
+    net, views, matches, crit = _network_setup(loss, center)
+    patch = loss != "dino"
+    keep_t = keep_s = None
+    if head_tokens == "matched" and patch:
+        tokens = [1 + r * c for r, c in view_grids(views, 4)]
+        keep_t, keep_s = matched_token_masks(matches, tokens[:2], tokens, 3)
+    results = []
+    for features in (False, True):
+        c = crit.center.clone()
+        net.zero_grad()
+        with torch.no_grad():
+            teacher = net(views[:2], all_tokens=patch, keep=keep_t, features=features)
+        student = net(views, all_tokens=patch, keep=keep_s, features=features)
+        value = crit(student, teacher, matches, epoch=0)
+        value.backward()
+        results.append((value.detach(), {n: p.grad.clone() for n, p in net.named_parameters()
+                                         if p.grad is not None}, crit.center.clone()))
+        crit.center.copy_(c)
+    (v0, g0, c0), (v1, g1, c1) = results
+    assert torch.allclose(v1, v0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and "head.last_v" in g0
+    assert ("head.last_g" in g0) == (center == "per-token")   # norm_last_layer both ways
+    for name in g0:
+        close(g1[name], g0[name], 1e-4)
+    assert torch.allclose(c1, c0, atol=1e-5)
+
+
+def test_pwself_loss_features_need_both_sides():
+    net, views, matches, crit = _network_setup("mean", "global")
+    teacher = net(views[:2], all_tokens=True)
+    student = net(views, all_tokens=True, features=True)
+    with pytest.raises(ValueError, match="teacher"):
+        crit(student, teacher, matches, epoch=0)
 
 
 def test_empty_pairs_and_zero_weights():
     gen, xs, v, g, xt, wt = setup(5)
     xs.requires_grad_()
     c = torch.zeros(1, K)
-    empty = PairIndex(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+    empty = LossSlots(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                       torch.zeros(0))
-    zero = PairIndex(torch.tensor([0, 3]), torch.tensor([1, 2]), torch.zeros(2))
+    zero = LossSlots(torch.tensor([0, 3]), torch.tensor([1, 2]), torch.zeros(2))
     for pairs in (empty, zero):
         loss = fused_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T)
         assert float(loss.detach()) == 0.0
@@ -177,7 +207,7 @@ def test_empty_pairs_and_zero_weights():
 def test_no_grad_and_rows_without_pairs():
     gen, xs, v, g, xt, wt = setup(6)
     xs.requires_grad_()
-    pairs = PairIndex(torch.tensor([4, 4, 9]), torch.tensor([0, 7, 7]),
+    pairs = LossSlots(torch.tensor([4, 4, 9]), torch.tensor([0, 7, 7]),
                       torch.tensor([0.2, 0.3, 0.5]))
     w = g * F.normalize(v, dim=-1)
     with torch.no_grad():
@@ -194,7 +224,7 @@ def test_head_split_is_the_head():
     for norm in (True, False):
         head = DINOHead(12, 40, hidden_dim=16, bottleneck_dim=8, norm_last_layer=norm)
         x = torch.randn(2, 3, 12)
-        split = head_bottleneck(head, x) @ last_layer_weight(head).t()
+        split = head.bottleneck(x) @ head.last_layer_weight().t()
         assert torch.equal(split, head(x))
 
 
@@ -223,7 +253,7 @@ def test_no_tokens_by_out_dim_tensor(dtype):
     xs = F.normalize(torch.randn(n_s, d, generator=gen), dim=-1).to(dtype).requires_grad_()
     w = torch.randn(k, d, generator=gen).to(dtype).requires_grad_()
     xt = torch.randn(n_t, d, generator=gen).to(dtype)
-    pairs = PairIndex(torch.arange(n_s), torch.arange(n_s) % n_t, torch.full((n_s,), 1 / n_s))
+    pairs = LossSlots(torch.arange(n_s), torch.arange(n_s) % n_t, torch.full((n_s,), 1 / n_s))
     bound = max(chunk * k, k * d)
     assert n_s * k >= 10 * bound
     with MaxNumel() as counter:
@@ -239,17 +269,17 @@ def test_no_tokens_by_out_dim_tensor(dtype):
 def test_teacher_rows_computed_once_per_image():
     """A chunk holds whole images where they fit, so each teacher row is computed once."""
     gen = torch.Generator().manual_seed(8)
-    pairs = matched_pairs(random_matches(gen), "mean", 0.5, B, [T_TEACHER] * 2, S_TOKENS)
+    pairs = matched_pairs(random_matches(gen), "mean")
     plan = _plan(pairs, B * sum(S_TOKENS), 2 * B * T_TEACHER, sum(S_TOKENS), torch.device("cpu"))
-    used = torch.unique(pairs.teacher).numel()
+    used = torch.unique(pairs.teacher_row).numel()
     assert sum(t.numel() for c in plan for t, _ in c.teacher) == used
     covered = torch.cat([c.student for c in plan])
-    assert torch.equal(covered.sort().values, torch.unique(pairs.student))
+    assert torch.equal(covered.sort().values, torch.unique(pairs.student_row))
 
 
 def test_bad_inputs():
     gen, xs, v, g, xt, wt = setup(9)
-    pairs = PairIndex(torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]))
+    pairs = LossSlots(torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]))
     w = g * F.normalize(v, dim=-1)
     with pytest.raises(ValueError, match="teacher_weight"):
         fused_head_loss(xs, w, xt, wt[:, :4], torch.zeros(1, K), pairs, TAU_S, TAU_T)
@@ -257,9 +287,9 @@ def test_bad_inputs():
         fused_head_loss(xs, w, xt, wt, torch.zeros(2, K), pairs, TAU_S, TAU_T)
     with pytest.raises(ValueError, match="outside"):
         fused_head_loss(xs, w, xt, wt, torch.zeros(1, K),
-                        PairIndex(torch.tensor([999]), torch.tensor([0]), torch.tensor([1.0])),
+                        LossSlots(torch.tensor([999]), torch.tensor([0]), torch.tensor([1.0])),
                         TAU_S, TAU_T)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_head_loss(xs, w, xt, wt, torch.zeros(1, K), pairs, TAU_S, TAU_T, chunk_size=0)
-    with pytest.raises(TypeError, match="PairIndex"):
+    with pytest.raises(TypeError, match="LossSlots"):
         fused_head_loss(xs, w, xt, wt, torch.zeros(1, K), (0, 0, 1.0), TAU_S, TAU_T)
