@@ -174,7 +174,8 @@ def compute_map(
     ValueError
         If ``gnd`` is empty, its length differs from ``ranks.shape[1]``, a kappa
         is not positive, an index lies outside ``[0, db_size)``, a column of
-        ``ranks`` or an ``"ok"`` list repeats an index, or no query has positives.
+        ``ranks`` or an ``"ok"`` list repeats an index, an image is both ``"ok"`` and
+        ``"junk"``, or no query has positives.
 
     Examples
     --------
@@ -231,6 +232,9 @@ def compute_map(
             prs[q, :] = np.nan
             continue
         junk = _in_database(entry.get("junk", ()), db_size, f"gnd[{q}]['junk']")
+        both = np.intersect1d(ok, junk)
+        if both.size:
+            raise ValueError(f"gnd[{q}]: images {both.tolist()} are both 'ok' and 'junk'")
         column = ranks[:, q]
         pos = positions[np.isin(column, ok)]
         junk_pos = positions[np.isin(column, junk)]

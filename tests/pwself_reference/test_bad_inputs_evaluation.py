@@ -118,6 +118,7 @@ CASES = [
     case("map/ok-past-database", lambda: cmap(gnd=[{"ok": [4]}]), ValueError, r"gnd\[0\]\['ok'\]"),
     case("map/ok-repeated", lambda: cmap(gnd=[{"ok": [0, 0]}]), ValueError, r"gnd\[0\]\['ok'\]"),
     case("map/junk-past-database", lambda: cmap(gnd=[{"ok": [0], "junk": [9]}]), ValueError, r"gnd\[0\]\['junk'\]"),
+    case("map/ok-and-junk", lambda: cmap(gnd=[{"ok": [0, 1], "junk": [1]}]), ValueError, r"gnd\[0\]: .*'junk'"),
     case("map/ok-strings", lambda: cmap(gnd=[{"ok": ["a"]}]), TypeError, r"gnd\[0\]\['ok'\]"),
     case("map/ranks-float", lambda: cmap(np.arange(4.0)[:, None]), TypeError, "ranks"),
     case("map/ranks-1d", lambda: cmap(np.arange(4)), ValueError, "ranks"),
