@@ -458,7 +458,8 @@ def summarise_baselines(pixels: dict | None, untrained: list[dict]) -> dict:
                 for g in CORR_GROUPS}}
         chance = [corr_value(r, g, "chance_at_1") for r in rs[:1] for g in CORR_GROUPS]
         if None not in chance:
-            rows[f"chance ({arm})"] = {"n_seeds": None, **{
+            label = "chance" if arm == "untrained" else f"chance ({arm[len('untrained-'):]})"
+            rows[label] = {"n_seeds": None, **{
                 f"corr_{g}": (c, float("nan")) for g, c in zip(CORR_GROUPS, chance)}}
     return rows
 

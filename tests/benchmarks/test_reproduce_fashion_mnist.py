@@ -101,7 +101,7 @@ def test_correspondence_columns_curves_and_baseline_rows():
     untrained = [dict(fake("untrained", s, 45), correspondence=corr(3.0 + s)) for s in (0, 1)]
     base = rep.summarise_baselines(pixels, untrained)
     assert list(base) == ["raw pixels", "untrained network", "position-only (untrained)",
-                          "chance (untrained)"]
+                          "chance"]
     md = rep.markdown_table(s, base)
     assert "| *raw pixels* | — | 80.00 | 78.60 | 82.00 | — | — |" in md
     assert "| *untrained network* | 2 | 46.00 ± 0.00 | 45.00 ± 0.00 | 55.00 ± 0.00 |" in md
@@ -109,7 +109,7 @@ def test_correspondence_columns_curves_and_baseline_rows():
     md = rep.markdown_table(s, base, rep.CORR_COLS)
     assert "| sum | 1 | — | — | — | — | — |" in md
     assert "| *position-only (untrained)* | 2 | 5.00 ± 0.00 |" in md
-    assert "| *chance (untrained)* | — | 2.04 | 2.04 | 2.04 | — | — |" in md
+    assert "| *chance* | — | 2.04 | 2.04 | 2.04 | — | — |" in md
     assert "raw pixels" not in md
 
 
@@ -168,8 +168,8 @@ def test_tiny_long_grid_trains_evaluates_and_reports(tmp_path):
     untrained = json.loads((results / "reproduction_runs" / "long" / "untrained-seed0.json")
                            .read_text())
     assert untrained["knn20"] == data["runs"][0]["knn20_by_epoch"][0]
-    assert set(data["baselines"]) >= {"raw pixels", "untrained network", "chance (untrained)"}
+    assert set(data["baselines"]) >= {"raw pixels", "untrained network", "chance"}
     assert (results / "reproduction_long.png").stat().st_size > 0
     assert (results / "reproduction_long_curves.png").stat().st_size > 0
     md = (results / "reproduction_long.md").read_text()
-    assert "| mean | 1 |" in md and "| *raw pixels* |" in md and "| *chance (untrained)* |" in md
+    assert "| mean | 1 |" in md and "| *raw pixels* |" in md and "| *chance* |" in md
