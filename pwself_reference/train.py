@@ -356,6 +356,8 @@ def train_one_epoch(tr: Trainer, epoch: int, start_it: int = 0) -> dict[str, flo
                     matches = compute_matches(mb, tr.spec.n_global, args.patch_size,
                                               args.match_rule)
 
+        # --fused-loss on: the network stops before the head's last layer, the loss applies it
+        fused = patch_level and args.fused_loss == "on"
         keep_t = keep_s = None
         if patch_level and args.head_tokens == "matched":
             tokens = [1 + r * c for r, c in view_grids(views, args.patch_size)]
@@ -366,8 +368,9 @@ def train_one_epoch(tr: Trainer, epoch: int, start_it: int = 0) -> dict[str, flo
         with autocast:
             with torch.no_grad():
                 teacher_out = tr.teacher(views[: tr.spec.n_global], all_tokens=patch_level,
-                                         keep=keep_t)
-            student_out = tr.student(views, all_tokens=patch_level, keep=keep_s)
+                                         keep=keep_t, features=fused)
+            student_out = tr.student(views, all_tokens=patch_level, keep=keep_s,
+                                     features=fused)
             loss = tr.criterion(student_out, teacher_out, matches, epoch)
 
         bad = torch.tensor(0.0 if math.isfinite(loss.item()) else 1.0, device=tr.device)
