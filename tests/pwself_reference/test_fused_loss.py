@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from patchaug import PatchMatch
 from pwself_reference.augment import CropSpec, batched_multicrop, match_views, view_grids
+from pwself_reference.config import parse_args
 from pwself_reference.fused_loss import _plan, fused_head_loss, reference_head_loss
 from pwself_reference.losses import LOSSES, LossSlots, PWSelfLoss, matched_token_masks
 from pwself_reference.models import DINOHead, build_backbone
@@ -293,3 +296,35 @@ def test_bad_inputs():
         fused_head_loss(xs, w, xt, wt, torch.zeros(1, K), pairs, TAU_S, TAU_T, chunk_size=0)
     with pytest.raises(TypeError, match="LossSlots"):
         fused_head_loss(xs, w, xt, wt, torch.zeros(1, K), (0, 0, 1.0), TAU_S, TAU_T)
+
+
+def test_training_with_fused_loss_follows_the_unfused_run(tmp_path):
+    """train.py --fused-loss on: the same first loss and nearly the same weights after a
+    few steps (the float32 sums run in another order) as --fused-loss off."""
+    from pwself_reference import train as train_mod
+    from pwself_reference.checkpoint import load_checkpoint
+
+    tiny = ["--train-subset", "32", "--test-subset", "8", "--batch-size", "8", "--epochs", "1",
+            "--depth", "1", "--embed-dim", "24", "--num-heads", "2", "--out-dim", "64",
+            "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--local-crops-number",
+            "2", "--knn-every", "0", "--no-plots", "--no-progress", "--threads", "1",
+            "--log-every", "1", "--warmup-epochs", "0", "--freeze-last-layer", "0",
+            "--center", "per-token", "--head-tokens", "matched"]
+    runs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        train_mod.main([*tiny, "--output-dir", str(out), "--fused-loss", mode])
+        steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+                 if json.loads(line)["type"] == "step"]
+        runs[mode] = (steps, load_checkpoint(out / "final.pth"))
+    (s_off, ck_off), (s_on, ck_on) = runs["off"], runs["on"]
+    assert len(s_on) == len(s_off) == 4
+    assert s_on[0]["loss"] == pytest.approx(s_off[0]["loss"], rel=1e-5)
+    assert ck_on["config"]["fused_loss"] == "on"
+    torch.manual_seed(0)   # the initial weights, as train.py builds them
+    init = train_mod.build_network(parse_args([*tiny, "--output-dir", str(tmp_path)]),
+                                   0.0).state_dict()
+    for key in ("head.last_v", "head.mlp.0.weight", "backbone.blocks.0.attn.qkv.weight"):
+        moved = ck_off["student"][key] - init[key]
+        assert moved.abs().max() > 0
+        close(ck_on["student"][key] - init[key], moved, 1e-2)
