@@ -97,12 +97,16 @@ def build_trainer(args: argparse.Namespace, images: Any, n_steps: int) -> Any:
     spec = T.crop_spec(args)
     view_aug = T.build_view_augment(args, spec)
     batch = images.shape[0]
-    lr = cosine_schedule(args.lr * batch / 256.0, args.min_lr, 1, n_steps, 0)
-    wd = cosine_schedule(args.weight_decay, args.weight_decay_end, 1, n_steps)
-    mom = cosine_schedule(args.momentum_teacher, 1.0, 1, n_steps)
-    return T.Trainer(args, device, D.DistInfo(), student, teacher, criterion, optimizer, scaler,
-                     amp_dtype, [images] * n_steps, None, spec, view_aug,  # type: ignore[arg-type]
-                     lr, wd, mom, n_steps, Path(args.output_dir))
+    schedules = T.Schedules(
+        lr=cosine_schedule(args.lr * batch / 256.0, args.min_lr, 1, n_steps, 0),
+        wd=cosine_schedule(args.weight_decay, args.weight_decay_end, 1, n_steps),
+        momentum=cosine_schedule(args.momentum_teacher, 1.0, 1, n_steps),
+    )
+    return T.Trainer(args=args, device=device, dist=D.DistInfo(), student=student,
+                     teacher=teacher, criterion=criterion, optimizer=optimizer, scaler=scaler,
+                     amp_dtype=amp_dtype, spec=spec, view_aug=view_aug, schedules=schedules,
+                     steps_per_epoch=n_steps, out_dir=Path(args.output_dir),
+                     loader=[images] * n_steps)
 
 
 def measure(arch: str, config: str, batch: int, steps: int, warmup: int, image_size: int,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["PRESETS", "build_parser", "parse_args", "validate", "ConfigError", "to_dict",
-           "center_batch_mean"]
+           "center_batch_mean", "resolve_device", "default_threads"]
 
 _PAPER_CIFAR = dict(
     dataset="cifar10", arch="vit_tiny", patch_size=16, depth=None, embed_dim=None, num_heads=None,
@@ -324,6 +324,25 @@ def to_dict(args: argparse.Namespace) -> dict[str, Any]:
         out[k] = list(v) if isinstance(v, tuple) else v
     json.dumps(out)  # fail early if something is not plain data
     return out
+
+
+def resolve_device(name: str | None) -> Any:
+    """The ``torch.device`` of a ``--device`` flag.
+
+    ``"auto"`` or ``None``: CUDA when available, else the CPU. A CUDA device on a
+    machine without CUDA raises :class:`ConfigError` naming the flag.
+    """
+    import torch
+
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name!r} is not a torch device ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available")
+    return dev
 
 
 def default_threads() -> int:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from pwself_reference.config import resolve_device
+
 __all__ = ["main", "build_parser"]
 
 
@@ -154,10 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _load(args: argparse.Namespace, device: torch.device):
@@ -429,10 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = _device(args.device)
     output = args.output or args.checkpoint.parent / f"eval_{args.protocol}.json"
     started = time.time()
     try:
+        device = resolve_device(args.device)  # the training's rule: auto = CUDA when available
         _check_writable(output)  # before the run, not after an hour of features
         body = _RUNNERS[args.protocol](args, device)
     except (OSError, ValueError, TypeError, KeyError) as exc:

@@ -75,15 +75,15 @@ def test_resume_is_exact(tmp_path):
     ref = _run(tmp_path, "ref", *extra)
     # killed mid-epoch 2 with step checkpoints, then resumed
     out = tmp_path / "killed"
-    with pytest.raises(SystemExit):
-        train_mod.main(TINY + ["--output-dir", str(out), *extra, "--save-every-steps", "1",
-                               "--stop-after-steps", "6"])
+    stopped = train_mod.main(TINY + ["--output-dir", str(out), *extra, "--save-every-steps", "1",
+                                     "--stop-after-steps", "6"])
+    assert stopped["stopped"] and stopped["steps"] == 6 and not (out / "final.pth").exists()
     assert load_checkpoint(out / "checkpoint.pth")["step"] == 6
     train_mod.main(TINY + ["--output-dir", str(out), *extra, "--resume"])
     # killed without step checkpoints: resumes from the end of epoch 1
     out2 = tmp_path / "killed2"
-    with pytest.raises(SystemExit):
-        train_mod.main(TINY + ["--output-dir", str(out2), *extra, "--stop-after-steps", "6"])
+    assert train_mod.main(TINY + ["--output-dir", str(out2), *extra,
+                                  "--stop-after-steps", "6"])["stopped"]
     assert load_checkpoint(out2 / "checkpoint.pth")["step"] == 4
     train_mod.main(TINY + ["--output-dir", str(out2), *extra, "--resume"])
     a = load_checkpoint(ref / "final.pth")
@@ -231,7 +231,7 @@ def test_loader_matches_equal_the_step_matches(rule):
     ds = MultiCropDataset(base, CropSpec(28, 12, n_global=2, n_local=3), seed=1)
     samples = [ds[k] for k in range(len(ds))]
     loader_side = MatchingCollate(2, 4, rule)(samples).matches
-    step_side = train_mod.compute_matches(collate_multicrop(samples), 2, 4, rule)
+    step_side = train_mod.match_batch(collate_multicrop(samples), 2, 4, rule)
     assert list(loader_side) == list(step_side)
     for key, want in step_side.items():
         got = loader_side[key]
@@ -245,13 +245,13 @@ def test_loader_path_trains_on_the_loader_matches(tmp_path, monkeypatch):
 
     extra = ["--crops", "loader", "--loss", "mean", "--match-rule", "centre", "--num-workers", "1"]
     step_calls: list[int] = []
-    real = train_mod.compute_matches
+    real = train_mod.match_batch
 
     def counted(*a, **k):
         step_calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "compute_matches", counted)
+    monkeypatch.setattr(train_mod, "match_batch", counted)
     loader_run = _run(tmp_path, "loader", *extra)
     assert step_calls == []
     # the same run with plain collation: the step computes the matches itself (the fallback)
@@ -275,3 +275,26 @@ def test_profile_shows_step_matching_only_without_loader_matches(tmp_path):
             _run(tmp_path, crops, "--crops", crops, "--loss", "mean", "--train-subset", "32")
         names[crops] = {e.key for e in prof.key_averages()}
     assert "match_patches" in names["batched"] and "match_patches" not in names["loader"]
+
+
+def test_console_entry_points_name_the_cli_functions():
+    """``pwself-train`` and ``pwself-eval`` (pyproject.toml) resolve to the two CLIs."""
+    import importlib
+
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"pwself-train", "pwself-eval"}
+    for target in scripts.values():
+        module, name = target.split(":")
+        assert callable(getattr(importlib.import_module(module), name))
+    assert scripts["pwself-train"] == "pwself_reference.train:cli"
+
+
+def test_script_runs_without_a_path_hack(tmp_path):
+    """``python pwself_reference/train.py --help`` from anywhere, the package installed."""
+    res = subprocess.run([sys.executable, str(ROOT / "pwself_reference" / "train.py"), "--help"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--head-tokens" in res.stdout
+    assert "sys.path" not in (ROOT / "pwself_reference" / "train.py").read_text()
