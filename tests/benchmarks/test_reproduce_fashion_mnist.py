@@ -168,6 +168,11 @@ def test_tiny_long_grid_trains_evaluates_and_reports(tmp_path):
     untrained = json.loads((results / "reproduction_runs" / "long" / "untrained-seed0.json")
                            .read_text())
     assert untrained["knn20"] == data["runs"][0]["knn20_by_epoch"][0]
+    # train.py's closing summary reads its k-NN against raw pixels on the same images
+    raw = json.loads((results / "reproduction_runs" / "long" / "baseline-raw-pixels.json")
+                     .read_text())
+    assert (f"k-NN top-1 on raw pixels (flattened input, same k-NN): {raw['knn20']:.2f}%"
+            in (out / "dino" / "seed0" / "train.out").read_text())
     assert set(data["baselines"]) >= {"raw pixels", "untrained network", "chance"}
     assert (results / "reproduction_long.png").stat().st_size > 0
     assert (results / "reproduction_long_curves.png").stat().st_size > 0
