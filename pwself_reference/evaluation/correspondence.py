@@ -45,7 +45,7 @@ unmirrored views, and little on mirrored ones.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -276,6 +276,35 @@ def _draw_boxes(specs: list[tuple[int, tuple[float, float]]], first: int, n: int
     return [(torch.cat(b), torch.cat(f)) for b, f in per_view]
 
 
+class _View(NamedTuple):
+    """One view of a batch: the crop the network saw, its geometry and its patch tokens."""
+
+    crop: torch.Tensor    # (B, C, size, size)
+    boxes: torch.Tensor   # (B, 4) source-pixel boxes, CPU
+    flips: torch.Tensor   # (B,) bool, CPU
+    tokens: torch.Tensor  # (B, rows * cols, D) patch tokens, CLS dropped
+    grid: tuple[int, int]
+
+
+def _cut_views(x: torch.Tensor, specs: list[tuple[int, tuple[float, float]]], tokens_of: TokenFn,
+               patch: int, first: int, flip_p: float, seed: int) -> list[_View]:
+    """Crop, resize and mirror every view of a batch of source images and run the model."""
+    from patchaug.crops import resized_crop_boxes
+
+    b, _, height, width = x.shape
+    views = []
+    for (size, _), (boxes, flips) in zip(specs, _draw_boxes(specs, first, b, height, width,
+                                                            flip_p, seed)):
+        crop = resized_crop_boxes(x, boxes.to(x.device), size, flips.to(x.device))
+        tokens = tokens_of(crop)
+        grid = (size // patch, size // patch)
+        if tokens.ndim != 3 or tokens.shape[:2] != (b, 1 + grid[0] * grid[1]):
+            raise ValueError(f"model returned tokens of shape {tuple(tokens.shape)} for {b} views "
+                             f"of {size} px; expected (B, 1 + {grid[0] * grid[1]}, D)")
+        views.append(_View(crop, boxes, flips, tokens[:, 1:], grid))
+    return views
+
+
 def correspondence_recall(
     model: nn.Module | TokenFn,
     images: torch.Tensor | Iterable[Any],
@@ -346,7 +375,6 @@ def correspondence_recall(
     (['flipped', 'global_local', 'non_flipped'], 49)
     """
     from patchaug import match_patches
-    from patchaug.crops import resized_crop_boxes
 
     patch = patch_size if patch_size is not None else _patch_size_of(model)
     if not isinstance(patch, int) or isinstance(patch, bool) or patch <= 0:
@@ -380,47 +408,32 @@ def correspondence_recall(
     was_training = model.training if isinstance(model, nn.Module) else None
     if isinstance(model, nn.Module):
         model.to(device).eval()
+    specs = [(global_size, global_scale), (global_size, global_scale)]
+    if local_size is not None:
+        specs.append((local_size, local_scale))
     try:
         with torch.no_grad():
             for x in _batches(images, batch_size):
-                b, _, height, width = x.shape
-                x = x.to(device)
-                specs = [(global_size, global_scale), (global_size, global_scale)]
-                if local_size is not None:
-                    specs.append((local_size, local_scale))
-                drawn = _draw_boxes(specs, n_images, b, height, width, flip_p, int(seed))
-                n_images += b
-                views = []
-                for (size, _), (boxes, flips) in zip(specs, drawn):
-                    crop = resized_crop_boxes(x, boxes.to(device), size, flips.to(device))
-                    tok = tokens_of(crop)
-                    grid = (size // patch,) * 2
-                    if tok.ndim != 3 or tok.shape[:2] != (b, 1 + grid[0] * grid[1]):
-                        raise ValueError(f"model returned tokens of shape {tuple(tok.shape)} for "
-                                         f"{b} views of {size} px; expected (B, 1 + "
-                                         f"{grid[0] * grid[1]}, D)")
-                    views.append((crop, boxes, flips, tok[:, 1:], grid))
-                pairs = [(views[0], views[1], "pair")]
+                views = _cut_views(x.to(device), specs, tokens_of, patch, n_images, flip_p, seed)
+                n_images += x.shape[0]
+                relative_flip = views[0].flips != views[1].flips
+                scored = [(views[0], views[1], {"non_flipped": ~relative_flip,
+                                                "flipped": relative_flip})]
                 if l_grid:
-                    pairs.append((views[2], views[0], "global_local"))
-                for va, vb, kind in pairs:
-                    m = match_patches(va[1], vb[1], va[4], vb[4], va[2], vb[2], rule=rule,
-                                      cls=False)
-                    s = token_match_hits(va[3], vb[3], m.idx_a.to(device), m.idx_b.to(device),
-                                         m.valid.to(device), vb[4])
-                    if kind == "pair":
-                        relative = (va[2] != vb[2]).to(device)
-                        groups = {"non_flipped": ~relative, "flipped": relative}
-                    else:
-                        groups = {"global_local": torch.ones(b, dtype=torch.bool, device=device)}
-                    fg = None
+                    scored.append((views[2], views[0],
+                                   {"global_local": torch.ones_like(relative_flip)}))
+                for a, b, groups in scored:
+                    m = match_patches(a.boxes, b.boxes, a.grid, b.grid, a.flips, b.flips,
+                                      rule=rule, cls=False)
+                    idx_a, idx_b, valid = (t.to(device) for t in (m.idx_a, m.idx_b, m.valid))
+                    hits = token_match_hits(a.tokens, b.tokens, idx_a, idx_b, valid, b.grid)
+                    keep = {"all": torch.ones_like(valid)}
                     if foreground_std is not None:
-                        std = _patch_std(va[0], patch).gather(1, m.idx_a.to(device))
-                        fg = std > foreground_std
+                        keep["foreground"] = (_patch_std(a.crop, patch).gather(1, idx_a)
+                                              > foreground_std)
                     for grp, rows in groups.items():
-                        tallies["all"][grp].add(s, rows, torch.ones_like(s["valid"]))
-                        if fg is not None:
-                            tallies["foreground"][grp].add(s, rows, fg)
+                        for sel, mask in keep.items():
+                            tallies[sel][grp].add(hits, rows.to(device), mask)
     finally:
         if was_training is not None:
             model.train(was_training)
