@@ -16,12 +16,14 @@ Spatial part (random resized crop + horizontal flip), two interchangeable paths:
   :func:`patchaug.batched_random_resized_crop` crops the batch on the device in
   one call per view (``shared=True`` for the paper's shared augmentation).
 
-Photometric part, DINO's, per view, on the batch (:class:`BatchPhotometric`):
-colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p 0.8
-(the four in a random order per call), grayscale with p 0.2, Gaussian blur of
-sigma U(0.1, 2) with p 1.0 on global view 1, 0.1 on global view 2 and further
-globals, 0.5 on local views, solarisation with p 0.2 on global view 2. Every
-sample draws its own factors. Then optional patch-level augmentation
+Photometric part, DINO's, per view, on the batch (:class:`ViewAugment`, one
+:class:`BatchPhotometric` recipe per kind of view, named as DINO names them):
+colour jitter with p 0.8 (ranges of :func:`color_jitter_operators`, shared with
+:class:`patchaug.PatchJitter`'s paper preset; the four operations in a random
+order per call), grayscale with p 0.2, Gaussian blur of sigma ``--blur-sigma``
+with p 1.0 on ``global1``, 0.1 on ``global2`` and further globals, 0.5 on the
+``local`` views, solarisation with p 0.2 on ``global2``. Every sample draws its
+own factors. Then optional patch-level augmentation
 (:class:`patchaug.PatchJitter`) and the ImageNet normalisation.
 """
 
@@ -51,6 +53,7 @@ __all__ = [
     "batched_multicrop",
     "collate_images",
     "collate_multicrop",
+    "color_jitter_operators",
     "item_seed",
     "match_batch",
     "match_views",
@@ -299,37 +302,35 @@ class MultiCropDataset(Dataset):
             return [self[i] for i in indices]
         from torchvision.transforms import v2
 
-        from patchaug import sample_crop_boxes
-
-        F2 = v2.functional
-        interp = v2.InterpolationMode(self.spec.interpolation)
         images = [self.base[i][0] for i in indices]
         h0, w0 = v2.query_size([images[0]])
-        params = []
+        # each view's box and flip, drawn once for the batch (on its first image)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(item_seed(self.seed, self.epoch, indices[0], 1))
-            for scale in self.spec.scales:
-                box = sample_crop_boxes(1, h0, w0, scale)[0]
-                params.append((box, bool(torch.rand(()) < self.spec.flip_p)))
+            params = [t.make_params([images[0]]) for t in self.crops]
         out = []
         for img in images:
             h, w = v2.query_size([img])
             crops, boxes, flips = [], [], []
-            for size, (box, flip) in zip(self.spec.sizes, params):
-                b = box.clone()
-                if (h, w) != (h0, w0):
-                    b = torch.round(b * torch.tensor([w / w0, h / h0, w / w0, h / h0]))
-                    b[2:] = torch.maximum(b[2:], b[:2] + 1)
-                x0, y0, x1, y1 = (int(v) for v in b.tolist())
-                crop = F2.resized_crop(img, y0, x0, y1 - y0, x1 - x0, [size, size],
-                                       interpolation=interp, antialias=True)
-                if flip:
-                    crop = F2.horizontal_flip(crop)
-                crops.append(_to_uint8_tensor(crop))
-                boxes.append(b.float())
-                flips.append(flip)
+            for t, p in zip(self.crops, params):
+                box = _rescale_box(p["box"], (h0, w0), (h, w))
+                crops.append(_to_uint8_tensor(t.transform(img, {"box": box, "flip": p["flip"]})))
+                boxes.append(box.float())
+                flips.append(p["flip"])
             out.append(MultiCropSample(crops, torch.stack(boxes), torch.tensor(flips)))
         return out
+
+
+def _rescale_box(box: torch.Tensor, size: tuple[int, int], new_size: tuple[int, int]
+                 ) -> torch.Tensor:
+    """A ``(x0, y0, x1, y1)`` pixel box of a ``size`` image, on an image of ``new_size``
+    (rounded, at least one pixel wide and high)."""
+    if tuple(size) == tuple(new_size):
+        return box.clone()
+    (h0, w0), (h, w) = size, new_size
+    out = torch.round(box * torch.tensor([w / w0, h / h0, w / w0, h / h0]))
+    out[2:] = torch.maximum(out[2:], out[:2] + 1)
+    return out
 
 
 def collate_multicrop(samples: Sequence[MultiCropSample]) -> MultiCropBatch:
@@ -438,87 +439,138 @@ def batched_multicrop(images: torch.Tensor, spec: CropSpec, shared: bool = False
     return MultiCropBatch(views, torch.stack(boxes), torch.stack(flips))
 
 
-def _uniform(n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, device=device)
+def color_jitter_operators() -> dict[str, Any]:
+    """DINO's colour jitter as :func:`patchaug.patch_jitter.paper_operators` defines it.
+
+    Brightness 0.4, contrast 0.4, saturation 0.2 (torchvision's ``[1 - v, 1 + v]``),
+    hue 0.1 turns, probability 0.8: one definition of the paper's ranges for the
+    per-image augmentation here and the per-patch one of :class:`patchaug.PatchJitter`.
+
+    Examples
+    --------
+    >>> {name: (op.low, op.high, op.p) for name, op in color_jitter_operators().items()}
+    {'brightness': (0.6, 1.4, 0.8), 'contrast': (0.6, 1.4, 0.8), 'saturation': (0.8, 1.2, 0.8), 'hue': (-0.1, 0.1, 0.8)}
+    """
+    from patchaug.patch_jitter import paper_operators
+
+    ops = {op.name: op for op in paper_operators()}
+    return {name: ops[name] for name in ("brightness", "contrast", "saturation", "hue")}
+
+
+def _solarize_threshold() -> float:
+    """The paper's (DINO's) solarisation threshold, from :func:`patchaug.patch_jitter.paper_operators`."""
+    from patchaug.patch_jitter import paper_operators
+
+    return next(op.low for op in paper_operators() if op.name == "solarize")
+
+
+#: The factor of each colour-jitter operation that leaves an image as it is.
+_NEUTRAL = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
 
 
 class BatchPhotometric:
     """DINO's photometric augmentation of one view, per sample, on a batch.
+
+    Colour jitter with probability ``jitter_p`` (the factors of
+    :func:`color_jitter_operators`, drawn per sample; the four operations in a
+    random order per call), grayscale with probability ``gray_p``, Gaussian blur of
+    sigma ``U(blur_sigma)`` with probability ``blur_p``, solarisation at the paper's
+    threshold (0.5) with probability ``solarize_p``.
 
     Parameters
     ----------
     blur_p : float
         Probability of the Gaussian blur.
     solarize_p : float
-        Probability of solarisation (threshold 0.5).
+        Probability of solarisation.
     blur_sigma : (float, float)
         Range of the blur sigma in pixels.
-    jitter_p, gray_p : float
-        Probabilities of the colour jitter (0.8) and of grayscale (0.2).
+    jitter_p : float, optional
+        Probability of the colour jitter (default: the operators', 0.8).
+    gray_p : float
+        Probability of grayscale (0.2).
+    generator : torch.Generator, optional
+        Source of every draw (default: torch's global generator); a call's
+        ``generator`` argument overrides it.
 
     Examples
     --------
     >>> aug = BatchPhotometric(blur_p=1.0, solarize_p=0.2)
-    >>> aug(torch.rand(4, 3, 12, 12)).shape
-    torch.Size([4, 3, 12, 12])
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.rand(4, 3, 12, 12)
+    >>> torch.equal(aug(x, generator=g), aug(x, generator=torch.Generator().manual_seed(0)))
+    True
     """
 
     def __init__(self, blur_p: float, solarize_p: float = 0.0,
-                 blur_sigma: tuple[float, float] = (0.1, 2.0), jitter_p: float = 0.8,
-                 gray_p: float = 0.2) -> None:
+                 blur_sigma: tuple[float, float] = (0.1, 2.0), jitter_p: float | None = None,
+                 gray_p: float = 0.2, generator: torch.Generator | None = None) -> None:
+        self.jitter = color_jitter_operators()
         self.blur_p, self.solarize_p = float(blur_p), float(solarize_p)
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
-        self.jitter_p, self.gray_p = float(jitter_p), float(gray_p)
+        self.jitter_p = self.jitter["brightness"].p if jitter_p is None else float(jitter_p)
+        self.gray_p = float(gray_p)
+        self.solarize_threshold = _solarize_threshold()
+        self.generator = generator
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         from patchaug import patch_ops as P
 
+        g = generator if generator is not None else self.generator
         b, c, h, w = x.shape
         dev = x.device
+
+        def draw() -> torch.Tensor:  # one U[0, 1) per sample
+            return torch.rand(b, device=dev, generator=g)
+
         x = x.float().contiguous()
-        jit = torch.rand(b, device=dev) < self.jitter_p
-        ones = torch.ones(b, device=dev)
-        factors = {
-            "brightness": torch.where(jit, _uniform(b, 0.6, 1.4, dev), ones),
-            "contrast": torch.where(jit, _uniform(b, 0.6, 1.4, dev), ones),
-            "saturation": torch.where(jit, _uniform(b, 0.8, 1.2, dev), ones),
-            "hue": torch.where(jit, _uniform(b, -0.1, 0.1, dev), ones * 0),
-        }
-        order = torch.randperm(4).tolist()
+        # colour jitter: one gate per sample, a factor per operation, a random order
+        jit = draw() < self.jitter_p
+        factors = {name: torch.where(jit, op.sample(draw()), _NEUTRAL[name])
+                   for name, op in self.jitter.items()}
         names = list(factors)
-        for k in order:
+        for k in torch.randperm(4, generator=g).tolist():
             name = names[k]
-            if name == "hue":
+            if name == "hue":  # a zero rotation is not exact: leave unjittered samples alone
                 x = torch.where(jit.view(-1, 1, 1, 1), P.hue(x, factors[name]), x)
             else:
                 x = getattr(P, name)(x, factors[name])
-        gray = torch.rand(b, device=dev) < self.gray_p
+        gray = draw() < self.gray_p
         x = torch.where(gray.view(-1, 1, 1, 1), P.grayscale(x), x)
         if self.blur_p > 0 and h == w and h > 1:
-            blur = torch.rand(b, device=dev) < self.blur_p
-            sigma = _uniform(b, *self.blur_sigma, dev)
-            k = min(2 * int(np.ceil(3 * self.blur_sigma[1])) + 1, 2 * h - 1)
+            blur = draw() < self.blur_p
+            lo, hi = self.blur_sigma
+            sigma = lo + (hi - lo) * draw()
+            k = min(2 * int(np.ceil(3 * hi)) + 1, 2 * h - 1)
             k = k if k % 2 else k - 1
             if k >= 3:
                 x = torch.where(blur.view(-1, 1, 1, 1), P.gaussian_blur(x, sigma, (k, k)), x)
         if self.solarize_p > 0:
-            sol = torch.rand(b, device=dev) < self.solarize_p
-            x = torch.where(sol.view(-1, 1, 1, 1), torch.where(x >= 0.5, 1.0 - x, x), x)
+            sol = draw() < self.solarize_p
+            solarized = torch.where(x >= self.solarize_threshold, 1.0 - x, x)
+            x = torch.where(sol.view(-1, 1, 1, 1), solarized, x)
         return x.clamp_(0.0, 1.0)
 
 
 class ViewAugment:
-    """Photometric augmentation, optional patch jitter and normalisation of every view.
+    """DINO's photometric recipe per view, optional patch jitter, normalisation.
+
+    As DINO names them: ``global1`` (the first global view: always blurred),
+    ``global2`` (the second: blurred with probability 0.1, solarised with 0.2),
+    ``global_more`` (any further global view: blurred with 0.1) and ``local``
+    (every local view: blurred with 0.5); colour jitter and grayscale on all.
 
     Parameters
     ----------
     n_global, n_local : int
-        Number of views of each kind (the photometric recipe differs per view).
+        Number of views of each kind.
     patch_jitter : callable, optional
         Applied to every view after the photometric step (e.g. :class:`patchaug.PatchJitter`);
         views of the same size go through it in one call (concatenated along the batch).
     blur_sigma : (float, float)
         Blur sigma range.
+    generator : torch.Generator, optional
+        Source of the photometric draws (default: torch's global generator).
 
     Examples
     --------
@@ -529,12 +581,18 @@ class ViewAugment:
     """
 
     def __init__(self, n_global: int, n_local: int, patch_jitter: Any = None,
-                 blur_sigma: tuple[float, float] = (0.1, 2.0)) -> None:
-        self.ops = []
-        for v in range(n_global):
-            blur_p, sol_p = (1.0, 0.0) if v == 0 else (0.1, 0.2 if v == 1 else 0.0)
-            self.ops.append(BatchPhotometric(blur_p, sol_p, blur_sigma))
-        self.ops += [BatchPhotometric(0.5, 0.0, blur_sigma) for _ in range(n_local)]
+                 blur_sigma: tuple[float, float] = (0.1, 2.0),
+                 generator: torch.Generator | None = None) -> None:
+        def recipe(blur_p: float, solarize_p: float) -> BatchPhotometric:
+            return BatchPhotometric(blur_p, solarize_p, blur_sigma, generator=generator)
+
+        self.global1 = recipe(blur_p=1.0, solarize_p=0.0)
+        self.global2 = recipe(blur_p=0.1, solarize_p=0.2)
+        self.global_more = recipe(blur_p=0.1, solarize_p=0.0)
+        self.local = recipe(blur_p=0.5, solarize_p=0.0)
+        globals_ = [self.global1, self.global2] + [self.global_more] * max(0, n_global - 2)
+        #: the recipe of every view, in view order
+        self.ops = globals_[:n_global] + [self.local] * n_local
         self.patch_jitter = patch_jitter
 
     def __call__(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:

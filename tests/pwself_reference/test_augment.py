@@ -140,3 +140,35 @@ def test_data_loader_batches_carry_their_matches(num_workers, same_spatial):
             got = batch.matches[key]
             assert all(torch.equal(a, b) for a, b in zip((got.idx_a, got.idx_b, got.valid),
                                                          (m.idx_a, m.idx_b, m.valid)))
+
+
+def test_photometric_ranges_are_patchjitters_paper_ranges():
+    """One definition: the per-image colour jitter draws from PatchJitter.paper's operators."""
+    from patchaug import PatchJitter
+    from pwself_reference.augment import BatchPhotometric, color_jitter_operators
+
+    paper = {op.name: op for op in PatchJitter.paper(16).operators}
+    for name, op in color_jitter_operators().items():
+        assert op == paper[name]
+    aug = BatchPhotometric(blur_p=0.0)
+    assert aug.jitter_p == paper["brightness"].p and aug.solarize_threshold == paper["solarize"].low
+
+
+def test_photometric_generator_owns_the_draws():
+    from pwself_reference.augment import BatchPhotometric, ViewAugment
+
+    x = torch.rand(6, 3, 12, 12)
+    aug = BatchPhotometric(blur_p=0.5, solarize_p=0.5)
+    torch.manual_seed(1)
+    a = aug(x, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(2)  # the global generator does not matter
+    b = aug(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    # without a generator: torch's global one, as the training step seeds it
+    torch.manual_seed(4)
+    c = aug(x)
+    torch.manual_seed(4)
+    assert torch.equal(c, aug(x))
+    views = ViewAugment(3, 2)
+    assert views.ops == [views.global1, views.global2, views.global_more, views.local, views.local]
+    assert (views.global1.blur_p, views.global2.solarize_p, views.local.blur_p) == (1.0, 0.2, 0.5)
