@@ -34,8 +34,8 @@ PAGES = sorted(p for p in DOCS.rglob("*.rst") if "_build" not in p.parts)
 CONTINUED = "# continued"
 
 # a directive line, its option lines, a blank line, then the indented body
-_BLOCK = re.compile(r"^\.\. code-block:: python[ \t]*\n((?:[ \t]+:.*\n)*)\n((?:(?:[ \t]+.*)?\n)+)",
-                    flags=re.M)
+_BLOCK = re.compile(r"^\.\. (?:code-block|code|sourcecode):: (?:python3?|py)[ \t]*\n((?:[ \t]+:.*\n)*)\n"
+                    r"((?:(?:[ \t]+.*)?\n)+)", flags=re.M)
 
 
 def python_blocks(page: Path) -> list[str]:
@@ -116,6 +116,13 @@ def test_docs_python_block_runs(page: Path, index: int, tmp_path: Path,
     namespace: dict[str, object] = {"__name__": "docs"}
     for code in blocks[start:index + 1]:
         exec(compile(code, f"{page}:block{index}", "exec"), namespace)
+
+
+def test_blocks_are_extracted_with_their_options_and_end(tmp_path: Path) -> None:
+    page = tmp_path / "page.rst"
+    page.write_text("Intro\n\n.. code-block:: python\n   :caption: one\n\n   x = 1\n\n   y = x\n"
+                    "Prose.\n\n.. code:: py\n\n   # continued\n   z = y\n\n.. code-block:: bash\n\n   ls\n")
+    assert python_blocks(page) == ["x = 1\n\ny = x\n", "# continued\nz = y\n"]
 
 
 def test_a_pages_first_block_continues_nothing() -> None:
