@@ -37,12 +37,16 @@ chunk, the teacher probabilities of its teacher rows (in pieces of at most
 ``chunk_size`` rows) are formed and multiplied into the chunk's targets ``Q``;
 then the chunk's student logits, their log-sum-exp, the loss and ``G``; then
 ``G W_s`` and ``G^T x_s`` are added to the gradients. Everything of size ``K``
-is a ``(chunk_size, K)`` buffer allocated once and reused, so the memory the loss
-needs is
+is one of two ``(chunk_size, K)`` float32 buffers allocated once and reused (the
+teacher probabilities ``P`` and the student logits, then ``G``; the targets ``Q`` of
+a block of rows are gathered from ``P`` while the block is in cache), so the memory
+the loss needs beyond its inputs is
 
-    3 * chunk_size * K * 4 bytes   (targets, teacher probabilities, student logits)
-    + K * D * 4 bytes              (the weight gradient)
-    [+ chunk_size * K * 2 bytes for bfloat16 inputs, the low-precision logits]
+    2 * chunk_size * K * 4 bytes     (the two buffers)
+    + K * D * 4 bytes                (the weight gradient)
+    + (b + pairs of b rows) * K * 4  (a block's targets and gathered teacher rows; on the
+                                      CPU b = min(chunk_size, 2**18 / K), about 2 MiB)
+    [+ chunk_size * K * 2 bytes      (bfloat16: one low-precision product at a time)]
 
 plus ``(tokens, D)`` index-sized tensors. The gradient is computed in the forward
 pass (as ``PWSelfLoss`` does), so the backward pass saves only ``dL/dx_s``
@@ -152,10 +156,14 @@ class _Chunk:
     student: torch.Tensor                                # (n,) student rows
     row_weight: torch.Tensor                             # (n,) c: weight sum per row
     teacher: list[tuple[torch.Tensor, torch.Tensor]]     # (teacher rows, sparse (n, m) A)
+    # with one piece of teacher rows: the pairs by block of ``block`` student rows, (row in
+    # its block, teacher index in the piece, weight), and where each block's pairs start
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    block_bounds: list[int] | None = None
 
 
 def _plan(pairs: LossSlots, n_student: int, n_teacher: int, chunk_rows: int,
-          device: torch.device) -> list[_Chunk]:
+          device: torch.device, block: int | None = None) -> list[_Chunk]:
     """Chunks of the student rows with a pair: whole connected groups of rows (images)
     together where they fit in ``chunk_rows``; per chunk, its teacher rows in pieces of at
     most ``chunk_rows`` with the pair weights as a sparse matrix. One host sync."""
@@ -220,8 +228,15 @@ def _plan(pairs: LossSlots, n_student: int, n_teacher: int, chunk_rows: int,
             mat = torch.sparse_coo_tensor(index, torch.from_numpy(cw[sel]), (r.size, m),
                                           check_invariants=False).coalesce().to(device)
             pieces.append((torch.from_numpy(t_rows[a:a + m]).to(device), mat))
-        plan.append(_Chunk(torch.from_numpy(r).to(device), torch.from_numpy(row_weight).to(device),
-                           pieces))
+        chunk = _Chunk(torch.from_numpy(r).to(device), torch.from_numpy(row_weight).to(device),
+                       pieces)
+        if block is not None and len(pieces) == 1:
+            ls = local_of[cs]
+            order = np.argsort(ls, kind="stable")
+            ls, lt, lw = ls[order], t_local[order], cw[order]
+            chunk.pairs = tuple(torch.from_numpy(x).to(device) for x in (ls % block, lt, lw))
+            chunk.block_bounds = np.searchsorted(ls, np.arange(0, r.size + block, block)).tolist()
+        plan.append(chunk)
     return plan
 
 
@@ -236,7 +251,7 @@ class FusedHeadLoss(torch.autograd.Function):
     """``L`` of the module docstring from the bottleneck features and the last layer.
 
     ``forward(ctx, student_features, student_weight, teacher_features, teacher_weight,
-    center, center_index, plan, student_temp, teacher_temp, chunk_rows, need_grad)``;
+    center, center_index, plan, student_temp, teacher_temp, block, need_grad)``;
     differentiable in ``student_features`` and ``student_weight`` (the teacher side and
     the centre are constants). ``plan`` comes from the pairs (see :func:`fused_head_loss`,
     which is the function to call).
@@ -245,7 +260,7 @@ class FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs: torch.Tensor, ws: torch.Tensor, xt: torch.Tensor, wt: torch.Tensor,
                 center: torch.Tensor, center_index: torch.Tensor | None, plan: list[_Chunk],
-                student_temp: float, teacher_temp: float, chunk_rows: int,
+                student_temp: float, teacher_temp: float, block: int | None,
                 need_grad: bool) -> torch.Tensor:
         device = xs.device
         dtype = _matmul_dtype(xs)
@@ -259,7 +274,7 @@ class FusedHeadLoss(torch.autograd.Function):
                     torch.profiler.record_function(FUSED_LOSS_LABEL):
                 _fused_chunks(plan, xs.detach(), ws.detach(), xt.detach(), wt.detach(),
                               center.detach().float(), center_index, student_temp,
-                              teacher_temp, chunk_rows, dtype, loss, grad_x, grad_w)
+                              teacher_temp, block, dtype, loss, grad_x, grad_w)
         if need_grad:
             ctx.save_for_backward(grad_x, grad_w)
         ctx.need_grad = need_grad
@@ -272,14 +287,22 @@ class FusedHeadLoss(torch.autograd.Function):
         if not ctx.need_grad:
             return (None, None) + none
         grad_x, grad_w = ctx.saved_tensors
-        scale = grad_out.to(torch.float32)
-        gx = (grad_x * scale).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        # a unit output gradient (the usual case) hands the saved gradients back without a
+        # copy; on the CPU reading it costs no device sync
+        if grad_out.device.type == "cpu" and float(grad_out) == 1.0:
+            scale = None
+        else:
+            scale = grad_out.to(torch.float32)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (grad_x if scale is None else grad_x * scale).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            gw = (grad_w if scale is None else grad_w * scale).to(ctx.dtypes[1])
         return (gx, gw) + none
 
 
 def _fused_chunks(plan, xs, ws, xt, wt, center, center_index, student_temp, teacher_temp,
-                  chunk_rows, dtype, loss, grad_x, grad_w) -> None:
+                  block, dtype, loss, grad_x, grad_w) -> None:
     """The chunk loop of :class:`FusedHeadLoss`; adds into ``loss``, ``grad_x``, ``grad_w``."""
     device = xs.device
     k = ws.shape[0]
@@ -287,56 +310,78 @@ def _fused_chunks(plan, xs, ws, xt, wt, center, center_index, student_temp, teac
     # (x W^T - c) / tau = (x / tau) W^T - c / tau
     ws_m = ws.to(dtype)
     wt_m = wt.to(dtype)
-    neg_center = center / -teacher_temp                                     # (C, K)
     rows = max(c.student.numel() for c in plan)
     t_rows = max(t.numel() for c in plan for t, _ in c.teacher)
-    # two (chunk, K) float32 buffers, allocated once: the targets Q (then the gradient G),
-    # and the teacher probabilities (then the student logits and softmax)
-    q_buf = torch.empty(rows * k, dtype=torch.float32, device=device)
-    z_buf = torch.empty(max(rows, t_rows) * k, dtype=torch.float32, device=device)
-    # the element-wise passes over the student logits run on blocks of rows that stay in
-    # cache (on the CPU: between the passes a whole chunk would go to memory and back)
-    block = max(1, _BLOCK_VALUES // k) if device.type == "cpu" else rows
+    # two (chunk, K) float32 buffers, allocated once. With one piece of teacher rows (the
+    # usual case), the teacher probabilities P and the student logits (then G); each block's
+    # targets Q are gathered from P in cache. Otherwise the targets Q of the chunk (summed
+    # piece by piece), and P then the student logits (then G).
+    buf_a = torch.empty(max(rows, t_rows) * k, dtype=torch.float32, device=device)
+    buf_b = torch.empty(rows * k, dtype=torch.float32, device=device)
+    # the element-wise passes run on blocks of rows that stay in cache (on the CPU: between
+    # the passes a whole chunk would go to memory and back)
+    if block is None:  # one block: the whole chunk
+        block = max(rows, t_rows)
+    gathers = [c.block_bounds[b + 1] - c.block_bounds[b] for c in plan if c.pairs is not None
+               for b in range(len(c.block_bounds) - 1)]
+    if gathers:
+        q_block = torch.empty(block * k, dtype=torch.float32, device=device)
+        gathered = torch.empty(max(gathers) * k, dtype=torch.float32, device=device)
     qz = torch.zeros((), dtype=torch.float32, device=device)
     for chunk in plan:
         n = chunk.student.numel()
-        q = q_buf[: n * k].view(n, k)
-        q.zero_()
+        in_blocks = chunk.pairs is not None
+        if not in_blocks:
+            q = buf_b[: n * k].view(n, k)
+            q.zero_()
         for t_idx, a in chunk.teacher:
             m = t_idx.numel()
-            p = z_buf[: m * k].view(m, k)
+            p = buf_a[: m * k].view(m, k)
             # P = softmax((x_t / tau_t) W_t^T - c / tau_t)
-            if center_index is None:
-                p.copy_(neg_center.expand(m, k))
-            else:
-                torch.index_select(neg_center, 0, center_index.index_select(0, t_idx), out=p)
             x_t = (xt.index_select(0, t_idx).float() / teacher_temp).to(dtype)
             with torch.profiler.record_function(LAST_LAYER_LABEL):
-                _addmm_into(p, x_t, wt_m.t())
-            torch.softmax(p, -1, out=p)
-            q.addmm_(a, p)                                              # Q += A P
+                _addmm_into(p, x_t, wt_m.t(), beta=0.0)
+            c_row = None if center_index is None else center_index.index_select(0, t_idx)
+            for r0 in range(0, m, block):
+                pb = p[r0:r0 + block]
+                c_b = center if c_row is None else center.index_select(0, c_row[r0:r0 + block])
+                torch.softmax(pb.add_(c_b, alpha=-1.0 / teacher_temp), -1, out=pb)
+            if not in_blocks:
+                q.addmm_(a, p)                                          # Q += A P
         x_c = xs.index_select(0, chunk.student)
-        z = z_buf[: n * k].view(n, k)
+        z = (buf_b if in_blocks else buf_a)[: n * k].view(n, k)
         with torch.profiler.record_function(LAST_LAYER_LABEL):
             _addmm_into(z, (x_c.float() / student_temp).to(dtype), ws_m.t(), beta=0.0)
-        # per row: lse = max(z) - log(softmax(z)[argmax]), so softmax is the one exp pass;
+        # per row: lse = max(z) - log(max(softmax(z))), so softmax is the one exp pass;
         # -sum_k Q log_softmax(z) = c * lse - Q . z   (a teacher row sums to 1)
         z_max = torch.empty(n, dtype=torch.float32, device=device)
-        arg = torch.empty(n, dtype=torch.long, device=device)
+        p_max = torch.empty(n, dtype=torch.float32, device=device)
         c_scaled = (chunk.row_weight / student_temp).unsqueeze(-1)
-        for r0 in range(0, n, block):
+        for b, r0 in enumerate(range(0, n, block)):
             r1 = min(n, r0 + block)
-            zb, qb = z[r0:r1], q[r0:r1]
-            torch.max(zb, 1, out=(z_max[r0:r1], arg[r0:r1]))
+            zb = z[r0:r1]
+            if in_blocks:  # Q of the block's rows: sum_p w_p P[t_p], gathered here
+                qb = q_block[: (r1 - r0) * k].view(r1 - r0, k)
+                qb.zero_()
+                lo, hi = chunk.block_bounds[b], chunk.block_bounds[b + 1]
+                if hi > lo:
+                    row, col, weight = (x[lo:hi] for x in chunk.pairs)
+                    g = gathered[: (hi - lo) * k].view(hi - lo, k)
+                    torch.index_select(p, 0, col, out=g)
+                    qb.index_add_(0, row, g.mul_(weight.unsqueeze(-1)))
+            else:
+                qb = q[r0:r1]
+            torch.amax(zb, 1, out=z_max[r0:r1])
             qz.add_(torch.dot(qb.reshape(-1), zb.reshape(-1)))
             torch.softmax(zb, -1, out=zb)
-            if grad_x is not None:  # G = (c * softmax(z) - Q) / tau_s, in Q's buffer
-                qb.mul_(-1.0 / student_temp).addcmul_(zb, c_scaled[r0:r1])
-        lse = z_max - z.gather(1, arg.unsqueeze(-1)).squeeze(-1).log()
+            torch.amax(zb, 1, out=p_max[r0:r1])
+            if grad_x is not None:  # G = (c * softmax(z) - Q) / tau_s, in the logits' buffer
+                zb.mul_(c_scaled[r0:r1]).sub_(qb, alpha=1.0 / student_temp)
+        lse = z_max - p_max.log()
         loss.add_(torch.dot(chunk.row_weight, lse))
         if grad_x is None:
             continue
-        g_m = q.to(dtype)
+        g_m = z.to(dtype)
         with torch.profiler.record_function(LAST_LAYER_LABEL):
             grad_x.index_copy_(0, chunk.student, (g_m @ ws_m).float())       # G W
             if dtype == torch.float32:
@@ -363,10 +408,16 @@ def _addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float
 
 def fused_memory_bytes(chunk_rows: int, out_dim: int, bottleneck_dim: int,
                        low_precision: bool = False) -> int:
-    """Bytes of the out_dim-sized buffers :func:`fused_head_loss` holds at once (the
-    formula of the module docstring)."""
-    per_row = 3 * 4 + (2 if low_precision else 0)
-    return chunk_rows * out_dim * per_row + out_dim * bottleneck_dim * 4
+    """Bytes of the out_dim-sized buffers :func:`fused_head_loss` holds (the formula of the
+    module docstring, without the few MiB of one block of rows).
+
+    Examples
+    --------
+    >>> fused_memory_bytes(512, 65536, 256) / 2**20   # MiB, at the default chunk
+    320.0
+    """
+    per_row = 2 * 4 + (2 if low_precision else 0)
+    return out_dim * (chunk_rows * per_row + bottleneck_dim * 4)
 
 
 def fused_head_loss(
@@ -427,11 +478,14 @@ def fused_head_loss(
         chunk_size = max(1, DEFAULT_CHUNK_VALUES // k)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    device = student_features.device
+    # element-wise passes on blocks of rows that stay in cache: on the CPU
+    block = min(chunk_size, max(1, _BLOCK_VALUES // k)) if device.type == "cpu" else None
     plan = _plan(pairs, student_features.shape[0], teacher_features.shape[0], chunk_size,
-                 student_features.device)
+                 device, block)
     need_grad = torch.is_grad_enabled() and (student_features.requires_grad
                                              or student_weight.requires_grad)
     return FusedHeadLoss.apply(student_features, student_weight, teacher_features,
                                teacher_weight, center, center_index, plan, float(student_temp),
-                               float(teacher_temp), chunk_size, need_grad)
+                               float(teacher_temp), block, need_grad)
 

@@ -234,15 +234,19 @@ def test_head_split_is_the_head():
 class MaxNumel(TorchDispatchMode):
     """Largest number of elements of any tensor an operator returns (allocations included)."""
 
-    def __init__(self):
+    def __init__(self, big: int = 0):
         super().__init__()
         self.max = 0
+        self.big = big
+        self.big_storages: set[int] = set()   # storages of tensors with >= big elements
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for o in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(o, torch.Tensor):
                 self.max = max(self.max, o.numel())
+                if self.big and o.numel() >= self.big:
+                    self.big_storages.add(o.untyped_storage().data_ptr())
         return out
 
 
@@ -259,11 +263,15 @@ def test_no_tokens_by_out_dim_tensor(dtype):
     pairs = LossSlots(torch.arange(n_s), torch.arange(n_s) % n_t, torch.full((n_s,), 1 / n_s))
     bound = max(chunk * k, k * d)
     assert n_s * k >= 10 * bound
-    with MaxNumel() as counter:
+    with MaxNumel(big=chunk * k) as counter:
         loss = fused_head_loss(xs, w, xt, w.detach(), torch.zeros(1, k), pairs, TAU_S, TAU_T,
                                chunk_size=chunk)
         loss.backward()
     assert 0 < counter.max <= bound
+    if dtype == torch.float32:
+        # the two (chunk, K) buffers, the (block, K) targets and gathered teacher rows of a
+        # block of rows (here one pair per row and block = chunk), the weight and its gradient
+        assert len(counter.big_storages) <= 6
     with MaxNumel() as counter:          # the check sees a (tokens, K) tensor when there is one
         reference_head_loss(xs, w, xt, w.detach(), torch.zeros(1, k), pairs, TAU_S, TAU_T)
     assert counter.max >= n_s * k
