@@ -29,6 +29,10 @@ Phases (seconds per step):
   gather of the matched pairs, cross-entropy, centre update) + backward;
 * ``optimizer``: zero_grad, per-parameter clipping, AdamW step, teacher EMA.
 
+With ``--fused-loss on`` (configurations ending in ``-fused``) the head phase stops at
+the bottleneck features and the last layer's weight; the loss phase runs the fused loss,
+whose last-layer matrix products are moved to ``head`` by their profiled share.
+
 Each configuration runs in a fresh subprocess (1 warm-up step, then ``--steps``
 timed steps); its peak memory is the process's resident-set high-water mark
 (``ru_maxrss``) after the steps.
@@ -57,11 +61,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PHASES = ("crop_aug", "patch_aug", "matching", "backbone", "head", "loss", "optimizer")
-CONFIGS = {  # name: (loss, patch_aug, head_tokens)
-    "dino": ("dino", "none", "all"),
-    "pwself-mean": ("mean", "none", "all"),
-    "pwself-mean-matched": ("mean", "none", "matched"),
-    "pwself-mean-patchaug": ("mean", "authors", "all"),
+CONFIGS = {  # name: (loss, patch_aug, head_tokens, fused_loss)
+    "dino": ("dino", "none", "all", "off"),
+    "pwself-mean": ("mean", "none", "all", "off"),
+    "pwself-mean-matched": ("mean", "none", "matched", "off"),
+    "pwself-mean-patchaug": ("mean", "authors", "all", "off"),
+    "pwself-mean-fused": ("mean", "none", "all", "on"),
+    "pwself-mean-matched-fused": ("mean", "none", "matched", "on"),
 }
 
 
@@ -82,16 +88,18 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
     from pwself_reference.models import backbone_tokens
     from pwself_reference.network import HeadOutput, static_rows
 
-    loss_name, patch_aug, head_tokens = CONFIGS[name]
+    loss_name, patch_aug, head_tokens, fused_loss = CONFIGS[name]
     preset = {"dino": "cifar10-vit-tiny16-dino", "mean": "cifar10-vit-tiny16-mean"}[loss_name]
     args = parse_args(["--preset", preset, "--out-dim", str(out_dim), "--batch-size", str(batch),
-                       "--patch-aug", patch_aug, "--head-tokens", head_tokens, "--device", "cpu",
+                       "--patch-aug", patch_aug, "--head-tokens", head_tokens,
+                       "--fused-loss", fused_loss, "--device", "cpu",
                        "--data-path", tempfile.gettempdir()])  # no data is read
     torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
     # seeded by --seed (0), built exactly as train.py builds them
     student, teacher, criterion, optimizer, _ = T.build_models(args, torch.device("cpu"), None)
     patch_level = args.loss != "dino"
+    fused = patch_level and fused_loss == "on"
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = args.lr * batch / 256.0
         if i == 0:
@@ -158,19 +166,28 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
         t_tok, t_tokens, t_kept = net_forward(teacher, views[:n_global], grad=False, keep=keep_t)
         s_tok, s_tokens, s_kept = net_forward(student, views, grad=True, keep=keep_s)
         b = time.perf_counter()
-        with torch.no_grad():
-            teacher_out = HeadOutput(teacher.head(t_tok), batch, tuple(t_tokens), t_kept)
         s_tok_d = s_tok.detach().requires_grad_(True)
-        s_head = student.head(s_tok_d)
+        if fused:  # --fused-loss on: the head up to its last layer here, the loss applies it
+            with torch.no_grad():
+                teacher_out = HeadOutput(teacher.head.bottleneck(t_tok), batch, tuple(t_tokens),
+                                         t_kept, teacher.head.last_layer_weight())
+            s_head = (student.head.bottleneck(s_tok_d), student.head.last_layer_weight())
+        else:
+            with torch.no_grad():
+                teacher_out = HeadOutput(teacher.head(t_tok), batch, tuple(t_tokens), t_kept)
+            s_head = (student.head(s_tok_d),)
         c = time.perf_counter()
-        s_head_d = s_head.detach().requires_grad_(True)
-        student_out = HeadOutput(s_head_d, batch, tuple(s_tokens), s_kept)
+        s_head_d = [x.detach().requires_grad_(True) for x in s_head]
+        student_out = HeadOutput(s_head_d[0], batch, tuple(s_tokens), s_kept,
+                                 s_head_d[1] if fused else None)
         t["head_rows"] = float(t_tok.shape[0] + s_tok.shape[0])
         if check:  # the decomposed forward is the network's own forward
             with torch.no_grad():
                 cp = criterion.center.clone()
-                ref = criterion(student(views, all_tokens=patch_level, keep=keep_s),
-                                teacher(views[:n_global], all_tokens=patch_level, keep=keep_t),
+                ref = criterion(student(views, all_tokens=patch_level, keep=keep_s,
+                                        features=fused),
+                                teacher(views[:n_global], all_tokens=patch_level, keep=keep_t,
+                                        features=fused),
                                 matches, epoch, update_center=False)
                 mine = criterion(student_out, teacher_out, matches, epoch, update_center=False)
                 assert torch.equal(cp, criterion.center)
@@ -196,10 +213,16 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
             t["loss_softmax_fraction"] = soft_us / max(total_us, 1e-9)
             center_us = sum(e.cpu_time_total for e in ka if e.key == CENTER_LABEL)
             t["loss_center_fraction"] = center_us / max(total_us, 1e-9)
+            # the fused loss runs the head's last layer (its matrix products, marked): that
+            # share of the loss's time is the head's
+            from pwself_reference.fused_loss import LAST_LAYER_LABEL
+
+            last_us = sum(e.cpu_time_total for e in ka if e.key == LAST_LAYER_LABEL)
+            t["loss_last_layer_fraction"] = last_us / max(total_us, 1e-9)
             top = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
             t["loss_top_ops"] = [(e.key, e.self_cpu_time_total / 1e6 / (total_us / 1e6) * 100.0
                                   if total_us else 0.0) for e in top]
-        s_head.backward(s_head_d.grad)
+        torch.autograd.backward(list(s_head), [x.grad for x in s_head_d])
         e = time.perf_counter()
         s_tok.backward(s_tok_d.grad)
         f = time.perf_counter()
@@ -230,6 +253,13 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
     # cross-entropy, temperature, centring)
     prof_step = step(steps + 1, profile_loss=True)
     softmax_fraction = prof_step["loss_softmax_fraction"]
+    last_layer_fraction = prof_step["loss_last_layer_fraction"]
+    for s in timed:  # --fused-loss on: the last layer's products inside the loss go to "head"
+        s["loss_fused_call"] = s["loss"]
+        s["head"] += s["loss"] * last_layer_fraction
+        s["loss"] -= s["loss"] * last_layer_fraction
+        s["step"] = sum(s[p] for p in PHASES)
+    rest = max(1.0 - last_layer_fraction, 1e-9)  # the profile's shares, of the loss without it
     fastest = min(timed, key=lambda s: s["step"])
     res = {
         "config": name, "loss": loss_name, "patch_aug": patch_aug, "head_tokens": head_tokens,
@@ -245,8 +275,11 @@ def run_config(name: str, out_dim: int, batch: int, steps: int, threads: int) ->
         "phases_s": {p: fastest[p] for p in PHASES},
         "s_per_step_mean": sum(s["step"] for s in timed) / steps,
         "phases_mean_s": {p: sum(s[p] for s in timed) / steps for p in PHASES},
-        "loss_softmax_fraction": softmax_fraction,
-        "loss_center_fraction": prof_step["loss_center_fraction"],
+        "fused_loss": fused_loss,
+        "loss_last_layer_fraction": last_layer_fraction,
+        "loss_fused_call_s": fastest["loss_fused_call"],
+        "loss_softmax_fraction": softmax_fraction / rest,
+        "loss_center_fraction": prof_step["loss_center_fraction"] / rest,
         "loss_top_ops_pct_of_loss": prof_step["loss_top_ops"],
         "loss_values": [s["loss_value"] for s in timed],
         "student_head_tokens_per_step": int(
@@ -344,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: least disturbed when other jobs share the cores)")
     ap.add_argument("--out-dims", type=int, nargs="+", default=[1000, 65536])
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                    help="configurations to run (dino is the baseline of the ratios)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--_child", nargs=2, metavar=("CONFIG", "OUT_DIM"), help=argparse.SUPPRESS)
     ap.add_argument("--replot", action="store_true",
@@ -369,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     t_all = time.perf_counter()
     results = []
     for out_dim in a.out_dims:
-        for name in CONFIGS:
+        for name in a.configs:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", name, str(out_dim),
                    "--batch", str(a.batch), "--steps", str(a.steps), "--batch-large",
                    str(a.batch_large), "--steps-large", str(a.steps_large),
@@ -459,6 +494,15 @@ def main(argv: list[str] | None = None) -> None:
         "gradient). \"w/o softmax\" = (matching + centre + pairs + patch aug) / step; \"w/o "
         "softmax, centre\" = (matching + pairs + patch aug) / step: PW-Self's own bookkeeping "
         "as the goal defines it (matching + gather loss + patch augmentation).",
+        "",
+        "Configurations ending in -fused run with ``--fused-loss on``: the network stops at the "
+        "head's bottleneck features and the loss applies the head's last layer chunk by chunk "
+        "(pwself_reference.fused_loss). Their \"head\" column counts the last layer's matrix "
+        "products made inside the fused loss (the profiled share of the loss in the "
+        "FusedHeadLoss.last_layer range) and \"loss\" the rest of the fused call, so that both "
+        "columns mean what they mean for the unfused configurations; the whole fused call is "
+        "loss_fused_call_s in the JSON. Their (softmax) column is 0: the fused loss has no "
+        "separate softmax of every token.",
         "",
         "Difference from DINO at the same out_dim (s / step):",
         "",
