@@ -175,10 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch-level losses: run the DINO head on every token, or only on CLS "
                         "and the patch tokens of a matched pair (same loss, less time and "
                         "memory; the centre's batch mean is then over those teacher tokens)")
-    g.add_argument("--fused-loss", default="off", choices=["on", "off"],
+    g.add_argument("--fused-loss", default="on", choices=["on", "off"],
                    help="patch-level losses: fuse the head's last layer with the loss, chunk by "
-                        "chunk from the bottleneck features (same loss and gradients; no "
-                        "tokens x out_dim tensor, see pwself_reference.fused_loss)")
+                        "chunk from the bottleneck features (same loss and gradients, less time "
+                        "and memory; no tokens x out_dim tensor, see pwself_reference.fused_loss)")
     g.add_argument("--center", default="global", choices=["global", "per-token"],
                    help="loss centering: one centre (DINO) or one per teacher token (authors)")
     g.add_argument("--center-momentum", type=float, default=0.9, help="EMA momentum of the centre")
