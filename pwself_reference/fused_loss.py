@@ -44,10 +44,10 @@ the loss needs beyond its inputs is
 
     2 * chunk_size * K * 4 bytes     (the two buffers)
     + K * D * 4 bytes                (the weight gradient)
-    + (b + pairs of b rows) * K * 4  (a block's targets and gathered teacher rows; on the
-                                      CPU b = min(chunk_size, 2**18 / K), about 2 MiB)
+    + (b + pairs of b rows) * K * 4  (a block's targets and gathered teacher rows)
     [+ chunk_size * K * 2 bytes      (bfloat16: one low-precision product at a time)]
 
+with ``b = min(chunk_size, 2**18 / K)`` rows per block on the CPU (about 2 MiB),
 plus ``(tokens, D)`` index-sized tensors. The gradient is computed in the forward
 pass (as ``PWSelfLoss`` does), so the backward pass saves only ``dL/dx_s``
 (``(N_s, D)``) and ``dL/dW_s`` (``(K, D)``). Student rows without a pair get a
@@ -262,6 +262,7 @@ class FusedHeadLoss(torch.autograd.Function):
                 center: torch.Tensor, center_index: torch.Tensor | None, plan: list[_Chunk],
                 student_temp: float, teacher_temp: float, block: int | None,
                 need_grad: bool) -> torch.Tensor:
+        """The loss; with ``need_grad``, its gradients too, saved for :meth:`backward`."""
         device = xs.device
         dtype = _matmul_dtype(xs)
         ctx.dtypes = (xs.dtype, ws.dtype)
@@ -283,6 +284,7 @@ class FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        """The saved gradients times ``grad_out``, in the inputs' dtypes."""
         none = (None,) * 9
         if not ctx.need_grad:
             return (None, None) + none
