@@ -454,9 +454,10 @@ def build_models(args: argparse.Namespace, device: torch.device, amp_dtype: torc
 
 
 # ============================================================================ training state
-@dataclass
+@dataclass(kw_only=True)
 class Trainer:
-    """Everything :func:`train_one_epoch` needs, and the progress of the run."""
+    """Everything :func:`train_one_epoch` needs, and the progress of the run (built by
+    keyword)."""
 
     args: argparse.Namespace
     device: torch.device
@@ -584,15 +585,12 @@ def train_one_epoch(tr: Trainer, epoch: int, start_it: int = 0) -> dict[str, Any
         if patch_level and matches is None:  # crops drawn on the device: match them here
             with torch.profiler.record_function("match_patches"):
                 matches = match_batch(mb, n_global, args.patch_size, args.match_rule)
-        # --fused-loss on: the network stops before the head's last layer, the loss applies it
-        fused = patch_level and args.fused_loss == "on"
-        keep_t = keep_s = None
-        if patch_level and args.head_tokens == "matched":  # the head runs where the loss reads
-            tokens = [1 + r * c for r, c in view_grids(views, args.patch_size)]
-            keep_t, keep_s = matched_token_masks(matches, tokens[:n_global], tokens,
-                                                 views[0].shape[0])
 
-        # forward: the teacher sees the global views, the student every view; then the loss
+        # forward: the teacher sees the global views, the student every view; the head runs
+        # on every token or on the matched ones (--head-tokens), and stops before its last
+        # layer when the loss applies it (--fused-loss on); then the loss
+        keep_t, keep_s = head_token_masks(args, views, matches, n_global)
+        fused = patch_level and args.fused_loss == "on"
         with tr.autocast():
             with torch.no_grad():
                 teacher_out = tr.teacher(views[:n_global], all_tokens=patch_level, keep=keep_t,
@@ -615,6 +613,17 @@ def train_one_epoch(tr: Trainer, epoch: int, start_it: int = 0) -> dict[str, Any
             stopped = True
             break
     return {**progress.summary(), "stopped": stopped}
+
+
+def head_token_masks(args: argparse.Namespace, views: Sequence[torch.Tensor], matches: Any,
+                     n_global: int) -> tuple[Any, Any]:
+    """``--head-tokens matched``: the teacher's and the student's keep masks (CLS and
+    every token of a matched pair, :func:`~pwself_reference.losses.matched_token_masks`);
+    ``(None, None)``, every token, otherwise."""
+    if args.loss == "dino" or args.head_tokens != "matched":
+        return None, None
+    tokens = [1 + r * c for r, c in view_grids(views, args.patch_size)]
+    return matched_token_masks(matches, tokens[:n_global], tokens, views[0].shape[0])
 
 
 def set_step_hyperparameters(optimizer: torch.optim.Optimizer, schedules: Schedules,
