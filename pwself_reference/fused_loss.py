@@ -156,10 +156,12 @@ class _Chunk:
     student: torch.Tensor                                # (n,) student rows
     row_weight: torch.Tensor                             # (n,) c: weight sum per row
     teacher: list[tuple[torch.Tensor, torch.Tensor]]     # (teacher rows, sparse (n, m) A)
-    # with one piece of teacher rows: the pairs by block of ``block`` student rows, (row in
-    # its block, teacher index in the piece, weight), and where each block's pairs start
-    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # with one piece of teacher rows: per block of ``block`` student rows, the teacher rows
+    # of its pairs (indices into the piece, concatenated; block_bounds[b] is where block b's
+    # start) and the (blocks, block, most pairs of a block) weights from pairs to rows
+    pair_teacher: torch.Tensor | None = None
     block_bounds: list[int] | None = None
+    block_weights: torch.Tensor | None = None
 
 
 def _plan(pairs: LossSlots, n_student: int, n_teacher: int, chunk_rows: int,
@@ -234,8 +236,15 @@ def _plan(pairs: LossSlots, n_student: int, n_teacher: int, chunk_rows: int,
             ls = local_of[cs]
             order = np.argsort(ls, kind="stable")
             ls, lt, lw = ls[order], t_local[order], cw[order]
-            chunk.pairs = tuple(torch.from_numpy(x).to(device) for x in (ls % block, lt, lw))
-            chunk.block_bounds = np.searchsorted(ls, np.arange(0, r.size + block, block)).tolist()
+            bounds_b = np.searchsorted(ls, np.arange(0, r.size + block, block))
+            n_blocks = bounds_b.size - 1
+            per_block = np.diff(bounds_b)
+            weights = np.zeros((n_blocks, block, max(1, int(per_block.max()))), np.float32)
+            blk = ls // block
+            weights[blk, ls % block, np.arange(ls.size) - bounds_b[blk]] = lw
+            chunk.pair_teacher = torch.from_numpy(lt).to(device)
+            chunk.block_bounds = bounds_b.tolist()
+            chunk.block_weights = torch.from_numpy(weights).to(device)
         plan.append(chunk)
     return plan
 
@@ -324,15 +333,14 @@ def _fused_chunks(plan, xs, ws, xt, wt, center, center_index, student_temp, teac
     # the passes a whole chunk would go to memory and back)
     if block is None:  # one block: the whole chunk
         block = max(rows, t_rows)
-    gathers = [c.block_bounds[b + 1] - c.block_bounds[b] for c in plan if c.pairs is not None
-               for b in range(len(c.block_bounds) - 1)]
+    gathers = [c.block_weights.shape[2] for c in plan if c.block_weights is not None]
     if gathers:
         q_block = torch.empty(block * k, dtype=torch.float32, device=device)
         gathered = torch.empty(max(gathers) * k, dtype=torch.float32, device=device)
     qz = torch.zeros((), dtype=torch.float32, device=device)
     for chunk in plan:
         n = chunk.student.numel()
-        in_blocks = chunk.pairs is not None
+        in_blocks = chunk.block_weights is not None
         if not in_blocks:
             q = buf_b[: n * k].view(n, k)
             q.zero_()
@@ -364,13 +372,10 @@ def _fused_chunks(plan, xs, ws, xt, wt, center, center_index, student_temp, teac
             zb = z[r0:r1]
             if in_blocks:  # Q of the block's rows: sum_p w_p P[t_p], gathered here
                 qb = q_block[: (r1 - r0) * k].view(r1 - r0, k)
-                qb.zero_()
                 lo, hi = chunk.block_bounds[b], chunk.block_bounds[b + 1]
-                if hi > lo:
-                    row, col, weight = (x[lo:hi] for x in chunk.pairs)
-                    g = gathered[: (hi - lo) * k].view(hi - lo, k)
-                    torch.index_select(p, 0, col, out=g)
-                    qb.index_add_(0, row, g.mul_(weight.unsqueeze(-1)))
+                g = gathered[: (hi - lo) * k].view(hi - lo, k)
+                torch.index_select(p, 0, chunk.pair_teacher[lo:hi], out=g)
+                torch.mm(chunk.block_weights[b, : r1 - r0, : hi - lo], g, out=qb)
             else:
                 qb = q[r0:r1]
             torch.amax(zb, 1, out=z_max[r0:r1])
