@@ -336,3 +336,24 @@ def test_training_with_fused_loss_follows_the_unfused_run(tmp_path):
         moved = ck_off["student"][key] - init[key]
         assert moved.abs().max() > 0
         close(ck_on["student"][key] - init[key], moved, 1e-2)
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_whole_chunk_route_equals_reference(chunk):
+    """The route for devices other than the CPU (targets of the whole chunk, one block),
+    run here on the CPU through the Function."""
+    from pwself_reference.fused_loss import FusedHeadLoss
+
+    gen, xs, v, g, xt, wt = setup(10)
+    xs.requires_grad_()
+    c, index = centre(gen, "per-token")
+    pairs = matched_pairs(random_matches(gen), "lambda")
+    plan = _plan(pairs, xs.shape[0], xt.shape[0], chunk, torch.device("cpu"), None)
+    assert all(ch.block_weights is None for ch in plan)
+    fused = FusedHeadLoss.apply(xs, g * F.normalize(v, dim=-1), xt, wt, c, index, plan, TAU_S,
+                                TAU_T, None, True)
+    ref = reference_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
+                              center_index=index)
+    assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads(fused, [xs, v]), grads(ref, [xs, v])):
+        close(a, b, 1e-5)
