@@ -219,11 +219,15 @@ def classify(train: tuple, test: tuple, *, knn: bool = True, linear: bool = True
 
 def backbone_metrics(backbone, loaders: tuple, config: dict) -> dict:
     """k-NN, linear probe and correspondence of one backbone."""
-    from pwself_reference.evaluation import extract_features
+    from functools import partial
+
+    from pwself_reference.evaluation import extract_features, last_blocks_features
 
     out = classify(*[extract_features(backbone, dl, "cpu") for dl in loaders], linear=False)
     n_last = min(4, len(backbone.blocks))
-    out.update(classify(*[extract_features(backbone, dl, "cpu", n_last_blocks=n_last)
+    out.update(classify(*[extract_features(backbone, dl, "cpu",
+                                           features=partial(last_blocks_features,
+                                                            n_last_blocks=n_last))
                           for dl in loaders], knn=False))
     out["correspondence"] = correspondence(backbone, loaders[1], config)
     return out

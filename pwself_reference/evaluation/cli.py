@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,7 @@ def _run_linear(args, device) -> dict[str, Any]:
         IMAGENET_STD,
         eval_transform,
         extract_features,
+        last_blocks_features,
     )
     from pwself_reference.evaluation.linear_probe import linear_probe, train_linear_classifier
 
@@ -276,13 +278,13 @@ def _run_linear(args, device) -> dict[str, Any]:
                 "avgpool_patchtokens": args.avgpool_patchtokens, "epochs": args.epochs,
                 "lr": args.lr, "batch_size": args.batch_size, "num_labels": num_labels,
                 "cache_features": args.cache_features, "n_train": len(train), "n_test": len(val)}
-    feats_kw = {"n_last_blocks": args.n_last_blocks,
-                "avgpool_patchtokens": args.avgpool_patchtokens}
     if args.cache_features:
+        features = partial(last_blocks_features, n_last_blocks=args.n_last_blocks,
+                           avgpool_patchtokens=args.avgpool_patchtokens)
         data = []
         for ds in (train, val):
             data += list(extract_features(backbone, _loader(ds, args.batch_size, args.num_workers,
-                                                            device), device, **feats_kw))
+                                                            device), device, features=features))
         out = train_linear_classifier(*data, num_classes=num_labels, epochs=args.epochs,
                                       lr=args.lr, batch_size=args.batch_size,
                                       val_freq=args.val_freq, seed=args.seed, device=device,
@@ -293,7 +295,8 @@ def _run_linear(args, device) -> dict[str, Any]:
             backbone, _loader(train, args.batch_size, args.num_workers, device, shuffle=True),
             _loader(val, args.batch_size, args.num_workers, device), num_labels,
             epochs=args.epochs, lr=args.lr, val_freq=args.val_freq, seed=args.seed,
-            device=device, log=print, **feats_kw,
+            device=device, log=print, n_last_blocks=args.n_last_blocks,
+            avgpool_patchtokens=args.avgpool_patchtokens,
         )
     out.pop("classifier")
     print(f"Linear probe: best top-1 {out['best_top1']:.2f} (final {out['final_top1']:.2f})")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -207,12 +208,13 @@ def score_copy_detection(
 
 
 def _features(backbone, paths, imsize, batch_size, device, num_workers, gem_p):
-    from pwself_reference.evaluation.features import extract_features
+    from pwself_reference.evaluation.features import extract_features, gem_features
 
     loader = torch.utils.data.DataLoader(
         ImageListDataset(paths, imsize), batch_size=batch_size, num_workers=num_workers
     )
-    feats, _ = extract_features(backbone, loader, device, gem_p=gem_p)
+    feats, _ = extract_features(backbone, loader, device,
+                                features=partial(gem_features, p=gem_p))
     return feats
 
 
@@ -266,6 +268,8 @@ def evaluate_copy_detection(
         net = build_backbone("vit_tiny", patch_size=16, img_size=224)
         evaluate_copy_detection(net, "copydays/")["strong_mAP"]
     """
+    if isinstance(gem_p, bool) or not isinstance(gem_p, (int, float)) or not gem_p > 0:
+        raise ValueError(f"gem_p must be a positive number, got {gem_p!r}")
     bench = CopydaysBenchmark.from_directory(root, blocks)
     args = (imsize, batch_size, device, num_workers, gem_p)
     database = [_features(backbone, bench.originals, *args)]

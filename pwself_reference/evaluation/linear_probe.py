@@ -282,7 +282,7 @@ def linear_probe(
     dict
         As :func:`train_linear_classifier`.
     """
-    from pwself_reference.evaluation.features import backbone_features
+    from pwself_reference.evaluation.features import last_blocks_features
 
     num_classes = _resolve_classes(num_classes, -1)
     if device is None:
@@ -291,11 +291,10 @@ def linear_probe(
     backbone.to(device)
     was_training = backbone.training
     backbone.eval()
-    feats_kw = {"n_last_blocks": n_last_blocks, "avgpool_patchtokens": avgpool_patchtokens}
-
     def featurise(loader):
         for images, labels in loader:
-            feats = backbone_features(backbone, images.to(device), **feats_kw).float()
+            feats = last_blocks_features(backbone, images.to(device), n_last_blocks,
+                                         avgpool_patchtokens).float()
             labels = torch.as_tensor(labels).to(device).long()
             if labels.numel() and int(labels.max()) >= num_classes:
                 raise ValueError(f"label {int(labels.max())} >= num_classes={num_classes}")

@@ -512,7 +512,11 @@ def evaluate_retrieval(
         ``mAP_medium``, ``mAP_hard`` (percent), ``mP@k_medium``, ``mP@k_hard``
         (percent, one value per kappa), ``kappas``, ``n_database``, ``n_queries``.
     """
-    from pwself_reference.evaluation.features import extract_features
+    from pwself_reference.evaluation.features import (
+        cls_features,
+        extract_features,
+        multiscale_features,
+    )
 
     cfg = load_gnd(Path(root) / dataset / f"gnd_{dataset}.pkl") if dataset in DATASETS else None
     db = RevisitedDataset(root, dataset, "database", imsize, cfg=cfg)
@@ -520,7 +524,9 @@ def evaluate_retrieval(
     feats = {}
     for name, ds in (("database", db), ("query", qs)):
         loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=num_workers)
-        feats[name], _ = extract_features(backbone, loader, device, multiscale=multiscale)
+        feats[name], _ = extract_features(
+            backbone, loader, device, features=multiscale_features if multiscale else cls_features
+        )
     ranks = retrieval_ranks(feats["database"], feats["query"])
     out: dict[str, Any] = {
         "dataset": dataset,

@@ -21,21 +21,24 @@ from pwself_reference.evaluation import (
     RevisitedDataset,
     Whitening,
     average_precision,
-    backbone_features,
+    cls_features,
     compute_map,
     crop_to_patch_multiple,
     eval_transform,
     evaluate_copy_detection,
     evaluate_retrieval,
     extract_features,
+    gem_features,
     gnd_easy,
     gnd_hard,
     gnd_medium,
     knn_classify,
+    last_blocks_features,
     learn_whitening,
     linear_probe,
     list_images,
     load_gnd,
+    multiscale_features,
     retrieval_ranks,
     score_copy_detection,
     train_linear_classifier,
@@ -187,13 +190,21 @@ CASES = [
     case("eval_transform/resize_ratio", lambda: eval_transform(32, 0.5), ValueError, "resize_ratio"),
     case("crop_patch/too-small", lambda: crop_to_patch_multiple(torch.zeros(1, 3, 8, 8), 16), ValueError, "images"),
     case("crop_patch/patch-zero", lambda: crop_to_patch_multiple(torch.zeros(1, 3, 8, 8), 0), ValueError, "patch"),
-    case("features/images-3d", lambda: backbone_features(net(), torch.rand(3, 32, 32)), ValueError, "images"),
-    case("features/n_last_blocks", lambda: backbone_features(net(), torch.rand(1, 3, 32, 32), n_last_blocks=0),
+    case("cls_features/images-3d", lambda: cls_features(net(), torch.rand(3, 32, 32)), ValueError, "images"),
+    case("cls_features/images-list", lambda: cls_features(net(), [[0.0]]), TypeError, "images"),
+    case("last_blocks/images-3d", lambda: last_blocks_features(net(), torch.rand(3, 32, 32)), ValueError, "images"),
+    case("last_blocks/n_last_blocks", lambda: last_blocks_features(net(), torch.rand(1, 3, 32, 32), n_last_blocks=0),
          ValueError, "n_last_blocks"),
-    case("features/gem_p", lambda: backbone_features(net(), torch.rand(1, 3, 32, 32), gem_p=-1.0),
-         ValueError, "gem_p"),
+    case("last_blocks/deeper-than-backbone",
+         lambda: last_blocks_features(net(), torch.rand(1, 3, 32, 32), n_last_blocks=99), ValueError, "n_last_blocks"),
+    case("gem/p", lambda: gem_features(net(), torch.rand(1, 3, 32, 32), p=-1.0), ValueError, "p"),
+    case("gem/images-3d", lambda: gem_features(net(), torch.rand(3, 32, 32)), ValueError, "images"),
+    case("multiscale/images-3d", lambda: multiscale_features(net(), torch.rand(3, 32, 32)), ValueError, "images"),
+    case("copydays/gem_p", lambda: evaluate_copy_detection(net(), MISSING, gem_p=0.0), ValueError, "gem_p"),
     case("extract/loader-of-tensors", lambda: extract_features(net(), [torch.rand(2, 3, 32, 32)]),
          ValueError, "loader"),
+    case("extract/features-not-callable",
+         lambda: extract_features(net(), [(torch.rand(1, 3, 32, 32), [0])], features="gem"), TypeError, "features"),
     case("extract/empty-loader", lambda: extract_features(net(), []), ValueError, "loader"),
     case("extract/device", lambda: extract_features(net(), [], device="gpu0"), (ValueError, RuntimeError), "device|gpu0"),
     # ------------------------------------------------------------------ retrieval datasets
@@ -233,7 +244,9 @@ def test_every_public_function_has_bad_input_cases():
               "evaluate_copy_detection": "copydays/", "learn_whitening": "whiten/",
               "LinearClassifier": "linearclassifier/", "train_linear_classifier": "linear/",
               "linear_probe": "linear_probe/", "eval_transform": "eval_transform/",
-              "crop_to_patch_multiple": "crop_patch/", "backbone_features": "features/",
+              "crop_to_patch_multiple": "crop_patch/", "cls_features": "cls_features/",
+              "last_blocks_features": "last_blocks/", "gem_features": "gem/",
+              "multiscale_features": "multiscale/",
               "extract_features": "extract/", "RevisitedDataset": "revisited/",
               "evaluate_retrieval": "retrieval/"}
     covered = " ".join(c.id for c in CASES).lower()
@@ -271,7 +284,7 @@ def test_whitening_of_exactly_two_features():
 
 
 def test_features_of_a_single_image():
-    out = backbone_features(net(), torch.rand(1, 3, 32, 32))
+    out = cls_features(net(), torch.rand(1, 3, 32, 32))
     assert out.shape == (1, 192) and torch.isfinite(out).all()
     f, y = extract_features(net(), [(torch.rand(1, 3, 32, 32), torch.tensor([7]))])
     assert f.shape == (1, 192) and y.tolist() == [7]

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from pwself_reference.evaluation import (
     LinearClassifier,
-    backbone_features,
+    cls_features,
     crop_to_patch_multiple,
     extract_features,
+    gem_features,
+    last_blocks_features,
     linear_probe,
+    multiscale_features,
     train_linear_classifier,
 )
 from pwself_reference.models import backbone_tokens
@@ -42,26 +46,28 @@ def test_last_blocks_features_are_normed_cls_tokens(net):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         outs = manual_blocks(net, x)
-        f1 = backbone_features(net, x)
-        f4 = backbone_features(net, x, n_last_blocks=4)
-        f4p = backbone_features(net, x, n_last_blocks=4, avgpool_patchtokens=True)
-        f1p = backbone_features(net, x, avgpool_patchtokens=True)
+        f1 = cls_features(net, x)
+        f4 = last_blocks_features(net, x, n_last_blocks=4)
+        f4p = last_blocks_features(net, x, n_last_blocks=4, avgpool_patchtokens=True)
+        f1p = last_blocks_features(net, x, n_last_blocks=1, avgpool_patchtokens=True)
+        l1 = last_blocks_features(net, x, n_last_blocks=1)
     d = net.embed_dim
     assert f1.shape == (3, d) and f4.shape == (3, 4 * d) and f4p.shape == (3, 5 * d)
     torch.testing.assert_close(f1, outs[-1][:, 0])
+    torch.testing.assert_close(l1, f1)
     torch.testing.assert_close(f4, torch.cat([o[:, 0] for o in outs[-4:]], dim=1))
     torch.testing.assert_close(f4p[:, 4 * d:], outs[-1][:, 1:].mean(dim=1))
     torch.testing.assert_close(f1p, torch.cat([outs[-1][:, 0], outs[-1][:, 1:].mean(1)], 1))
     with pytest.raises(ValueError, match="exceeds the backbone depth"):
-        backbone_features(net, x, n_last_blocks=7)
+        last_blocks_features(net, x, n_last_blocks=7)
 
 
 def test_gem_and_multiscale_descriptors(net):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = backbone_tokens(net, x)
-        gem = backbone_features(net, x, gem_p=4.0)
-        ms = backbone_features(net, x, multiscale=True)
+        gem = gem_features(net, x, p=4.0)
+        ms = multiscale_features(net, x)
         half = backbone_tokens(net, torch.nn.functional.interpolate(
             x, scale_factor=0.5, mode="bilinear", align_corners=False))[:, 0]
         small = backbone_tokens(net, torch.nn.functional.interpolate(
@@ -79,7 +85,7 @@ def test_gem_and_multiscale_descriptors(net):
 def test_inputs_are_cropped_to_whole_patches(net):
     x = torch.randn(1, 3, 37, 45)
     with torch.no_grad():
-        torch.testing.assert_close(backbone_features(net, x),
+        torch.testing.assert_close(cls_features(net, x),
                                    backbone_tokens(net, x[..., :32, :40])[:, 0])
     assert crop_to_patch_multiple(x, 8).shape[-2:] == (32, 40)
     with pytest.raises(ValueError, match="smaller than one patch"):
@@ -100,6 +106,16 @@ def test_extract_features_restores_mode_and_keeps_order(net):
         extract_features(net, [], "cpu")
     with pytest.raises(ValueError, match="4 images but 3 labels"):
         extract_features(net, [(images[:4], [0, 1, 2])], "cpu")
+
+
+def test_extract_features_runs_the_chosen_feature_function(net):
+    images = torch.randn(6, 3, 32, 32)
+    loader = [(images[:4], torch.arange(4)), (images[4:], torch.arange(4, 6))]
+    for features in (partial(last_blocks_features, n_last_blocks=3, avgpool_patchtokens=True),
+                     partial(gem_features, p=3.0), multiscale_features):
+        feats, _ = extract_features(net, loader, "cpu", features=features)
+        with torch.no_grad():
+            torch.testing.assert_close(feats, features(net, images))
 
 
 def gaussian_classes(n_per_class, n_classes, dim, seed, spread=0.6):
