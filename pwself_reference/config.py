@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["PRESETS", "build_parser", "parse_args", "validate", "ConfigError", "to_dict",
-           "center_batch_mean", "resolve_device", "default_threads"]
+           "center_batch_mean", "resolve_device", "default_threads", "NOT_IN_CONFIG"]
 
 _PAPER_CIFAR = dict(
     dataset="cifar10", arch="vit_tiny", patch_size=16, depth=None, embed_dim=None, num_heads=None,
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: auto = bf16 (or fp16 with loss scaling) on CUDA, fp32 on CPU")
     g.add_argument("--save-every-steps", type=int, default=0,
                    help="also checkpoint every N steps (0: only at the end of each epoch)")
+    g.add_argument("--saveckp-freq", type=int, default=0,
+                   help="also keep checkpointNNNN.pth (NNNN: epochs done) every N epochs, "
+                        "beside the rolling checkpoint.pth (0: off)")
     g.add_argument("--log-every", type=int, default=10, help="log a JSON record every N steps")
     g.add_argument("--knn-every", type=int, default=1,
                    help="k-NN evaluation every N epochs (and at init and at the end); 0 disables")
@@ -108,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testing aid: exit (as if killed) after this many steps of this process")
     g.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
+    g.add_argument("--debug", action="store_true",
+                   help="on a bad configuration or input, raise with the traceback instead of "
+                        "one line on stderr and exit status 2 (not part of config.json)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="fashion-mnist-mini",
@@ -303,7 +309,7 @@ def validate(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     for flag in ("min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
                  "freeze_last_layer", "warmup_teacher_temp_epochs", "num_workers", "threads",
-                 "save_every_steps", "knn_every", "stop_after_steps", "train_subset",
+                 "save_every_steps", "saveckp_freq", "knn_every", "stop_after_steps", "train_subset",
                  "test_subset"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -317,11 +323,18 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--resume: no checkpoint.pth in --output-dir {args.output_dir}")
 
 
+#: Flags that change how the command reports, never what it computes: left out of the
+#: resolved configuration (config.json and the checkpoints' "config").
+NOT_IN_CONFIG = frozenset({"debug"})
+
+
 def to_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """The resolved configuration as a JSON-able dict (tuples become lists)."""
+    """The resolved configuration as a JSON-able dict (tuples become lists), without the
+    reporting-only flags of :data:`NOT_IN_CONFIG`."""
     out = {}
     for k, v in sorted(vars(args).items()):
-        out[k] = list(v) if isinstance(v, tuple) else v
+        if k not in NOT_IN_CONFIG:
+            out[k] = list(v) if isinstance(v, tuple) else v
     json.dumps(out)  # fail early if something is not plain data
     return out
 

@@ -12,7 +12,8 @@ match, forward, loss, optimizer step, teacher EMA).
 
 Outputs in ``--output-dir``: ``config.json`` (resolved flags), ``log.jsonl``
 (one JSON record per logged step, per epoch and per k-NN evaluation),
-``checkpoint.pth`` (last, for ``--resume``), ``final.pth`` (end of training),
+``checkpoint.pth`` (last, for ``--resume``), ``checkpointNNNN.pth`` (after NNNN epochs,
+every ``--saveckp-freq`` epochs), ``final.pth`` (end of training),
 ``curves.png`` (loss and k-NN) and ``matches.png`` (matched patches of one
 training pair).
 """
@@ -55,6 +56,7 @@ from pwself_reference.augment import (
 from pwself_reference.checkpoint import load_checkpoint, save_checkpoint
 from pwself_reference.config import (
     ConfigError,
+    build_parser,
     default_threads,
     parse_args,
     resolve_device,
@@ -175,8 +177,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     cannot be written or holds a finished run: one line on stderr, the traceback only with
     ``--debug``), 3 for a non-finite loss, 1 when ``--stop-after-steps`` stopped the run."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    # read before the checks of parse_args, whose errors --debug decides how to report
+    debug = build_parser().parse_known_args(argv)[0].debug
     try:
         summary = main(argv)
     except NonFiniteLossError as exc:
@@ -490,7 +492,8 @@ class Trainer:
             self.log_file.flush()
 
     def checkpoint(self, epoch_done: bool, epoch: int, path: Path | None = None) -> None:
-        """Write ``checkpoint.pth`` (rank 0): enough to continue exactly from here."""
+        """Write ``checkpoint.pth`` (or ``path``) atomically (rank 0): enough to continue
+        exactly from here."""
         if not self.dist.is_main:
             return
         state = {
@@ -806,7 +809,8 @@ def run_knn(tr: Trainer, knn: KnnData, epoch: int) -> float:
 
 
 def end_of_epoch(tr: Trainer, knn: KnnData | None, epoch: int, stats: dict[str, Any]) -> None:
-    """k-NN when due, the epoch's log record, ``checkpoint.pth``, ``curves.png``."""
+    """k-NN when due, the epoch's log record, ``checkpointNNNN.pth`` every ``--saveckp-freq``
+    epochs, ``checkpoint.pth``, ``curves.png``."""
     args = tr.args
     top1 = None
     if knn is not None and args.knn_every and ((epoch + 1) % args.knn_every == 0
@@ -815,6 +819,11 @@ def end_of_epoch(tr: Trainer, knn: KnnData | None, epoch: int, stats: dict[str, 
     tr.log({"type": "epoch", "epoch": epoch + 1, "step": tr.global_step, "loss": stats["loss"],
             "images_per_s": stats["images_per_s"], "time_s": stats["time_s"],
             "knn_top1": top1})
+    if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+        # before checkpoint.pth: a run killed in between redoes this epoch on --resume and
+        # writes it again, so every epoch that checkpoint.pth has passed has its file
+        tr.checkpoint(epoch_done=True, epoch=epoch,
+                      path=tr.out_dir / f"checkpoint{epoch + 1:04d}.pth")
     tr.checkpoint(epoch_done=True, epoch=epoch)
     if tr.dist.is_main and not args.no_plots:
         from pwself_reference.plots import plot_curves

@@ -123,6 +123,14 @@ def test_train_never_overwrites_a_finished_run(files, capsys):
     assert (run / "config.json").read_text() == "{}"
 
 
+def test_train_debug_is_a_listed_flag_kept_out_of_the_configuration(files):
+    from pwself_reference.config import build_parser, parse_args, to_dict
+
+    assert "--debug" in build_parser().format_help()
+    args = parse_args(["--output-dir", str(files["tmp"] / "r4"), "--debug"] + TINY)
+    assert args.debug and "debug" not in to_dict(args)  # config.json and checkpoints
+
+
 def test_train_debug_shows_the_exception(files):
     with pytest.raises(ValueError, match="imagenet-9000"):
         train_cli(["--output-dir", str(files["tmp"] / "r3"), "--dataset", "imagenet-9000", "--debug"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ def test_one_short_epoch_per_loss(tmp_path, loss):
     out = _run(tmp_path, loss, "--loss", loss, "--lambda", "0.3", "--freeze-last-layer", "0")
     final = load_checkpoint(out / "final.pth")
     assert final["config"]["loss"] == loss and final["step"] == 4 and final["epoch"] == 1
+    assert not list(out.glob("checkpoint0*.pth"))  # --saveckp-freq is off by default
     steps = [r for r in _records(out) if r["type"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
@@ -94,6 +96,24 @@ def test_resume_is_exact(tmp_path):
                 assert torch.equal(v, b[which][k]), (other.name, which, k)
         assert torch.equal(a["criterion"]["center"], b["criterion"]["center"])
         assert [r["step"] for r in _records(other) if r["type"] == "step"] == list(range(1, 9))
+
+
+def test_saveckp_freq_keeps_every_nth_epoch(tmp_path):
+    out = _run(tmp_path, "keep", "--epochs", "3", "--saveckp-freq", "2")
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == ["checkpoint.pth",
+                                                                   "checkpoint0002.pth"]
+    kept, final = load_checkpoint(out / "checkpoint0002.pth"), load_checkpoint(out / "final.pth")
+    assert (kept["epoch"], kept["step"], final["step"]) == (2, 8, 12)
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+    # it is the state after epoch 2: resuming from it ends with the same weights
+    again = tmp_path / "from_epoch2"
+    again.mkdir()
+    shutil.copy(out / "checkpoint0002.pth", again / "checkpoint.pth")
+    train_mod.main(TINY + ["--output-dir", str(again), "--epochs", "3", "--resume"])
+    resumed = load_checkpoint(again / "final.pth")
+    for which in ("student", "teacher"):
+        for k, v in final[which].items():
+            assert torch.equal(v, resumed[which][k]), (which, k)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -184,6 +204,7 @@ def test_two_process_gloo_run(tmp_path):
     (["--local-crop-size", "10"], "--local-crop-size 10 is not a multiple"),
     (["--global-crops-scale", "0.5", "1.5"], "--global-crops-scale"),
     (["--resume"], "--resume"),
+    (["--saveckp-freq", "-1"], "--saveckp-freq"),
 ])
 def test_bad_configuration_fails_before_training(tmp_path, flags, match):
     with pytest.raises(ConfigError, match=match.replace("(", r"\(")):
