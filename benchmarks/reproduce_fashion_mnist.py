@@ -35,8 +35,9 @@ on cached features of the un-augmented images, best of learning rates 0.03, 0.1,
 :func:`pwself_reference.evaluation.correspondence_recall` (1000 test images, seed 0,
 the recipe's crops, ``rule="centre"``, foreground tokens: patch std > 0.1), with
 its position-only baseline. Per-epoch k-NN (k = 20) comes from the training log;
-per-epoch correspondence from teacher snapshots the script copies from
-``checkpoint.pth`` after every epoch while the run trains (``OUT/<arm>/seed<s>/epochs/``).
+per-epoch correspondence from the teacher of every epoch: the long grid trains with
+``--saveckp-freq 1`` and keeps the teacher backbone of each ``checkpointNNNN.pth`` in
+``OUT/<arm>/seed<s>/epochs/teacher_epochNNN.pth`` (the full checkpoint is then deleted).
 
 Baselines, computed by the script beside every grid: raw pixels (k-NN and the
 linear probe on the flattened, normalised 3 x 28 x 28 input) and the untrained
@@ -130,49 +131,30 @@ def train_run(run_dir: Path, arm: str, seed: int, recipe: list[str], threads: in
               snapshots: bool = False) -> None:
     """Train (or resume) one run in a subprocess; its stdout goes to ``run_dir/train.out``.
 
-    With ``snapshots``, the teacher backbone of every epoch-end ``checkpoint.pth`` is
-    copied to ``run_dir/epochs/teacher_epochNNN.pth`` while the run trains (train.py
-    keeps only the latest checkpoint), for the per-epoch correspondence curve.
+    With ``snapshots``, train.py keeps every epoch's checkpoint (``--saveckp-freq 1``)
+    for the per-epoch correspondence curve; :func:`collect_snapshots` reduces them to
+    teacher backbones.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "pwself_reference" / "train.py"), *recipe, *ARMS[arm],
            "--seed", str(seed), "--output-dir", str(run_dir), "--threads", str(threads),
            "--no-progress", "--no-plots"]
-    if snapshots and "--save-every-steps" in cmd:
-        raise ValueError("per-epoch snapshots need epoch-end checkpoints only: drop "
-                         "--save-every-steps from the recipe")
+    if snapshots:
+        cmd += ["--saveckp-freq", "1"]
     if (run_dir / "checkpoint.pth").is_file():
         cmd.append("--resume")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
     with open(run_dir / "train.out", "a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        seen: int | None = None
-        while True:
-            try:
-                rc = proc.wait(timeout=2.0 if snapshots else None)
-            except subprocess.TimeoutExpired:
-                rc = None
-            if snapshots:
-                seen = snapshot_epoch(run_dir, run_dir / "checkpoint.pth", seen)
-            if rc is not None:
-                break
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
     if rc:
         raise subprocess.CalledProcessError(rc, cmd)
-    if snapshots:
-        snapshot_epoch(run_dir, run_dir / "final.pth", None)
 
 
-def snapshot_epoch(run_dir: Path, ckpt_path: Path, seen: int | None) -> int | None:
-    """Copy the teacher backbone of ``ckpt_path`` (written atomically by train.py) to
-    ``run_dir/epochs/teacher_epochNNN.pth`` unless already there; returns its mtime."""
-    try:
-        mtime = ckpt_path.stat().st_mtime_ns
-    except FileNotFoundError:
-        return seen
-    if mtime == seen:
-        return seen
+def snapshot_teacher(run_dir: Path, ckpt_path: Path) -> Path:
+    """Keep the teacher backbone of a train.py checkpoint (written atomically) as
+    ``run_dir/epochs/teacher_epochNNN.pth`` (NNN: its epochs done), unless already there."""
     from pwself_reference.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
@@ -181,7 +163,21 @@ def snapshot_epoch(run_dir: Path, ckpt_path: Path, seen: int | None) -> int | No
         teacher = {k: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
         save_checkpoint({"config": ckpt["config"], "teacher": teacher,
                          "epoch": int(ckpt["epoch"])}, dest)
-    return mtime
+    return dest
+
+
+def collect_snapshots(run_dir: Path) -> list[Path]:
+    """Teacher snapshots of every epoch checkpoint train.py kept (``--saveckp-freq``), then
+    those checkpoints are deleted (they hold the optimizer state too). Safe to repeat after
+    a kill: a checkpoint goes only once its snapshot is written. ``final.pth`` gives the
+    last epoch of runs trained without ``--saveckp-freq``."""
+    kept = sorted(run_dir.glob("checkpoint[0-9][0-9][0-9][0-9].pth"))
+    for path in kept:
+        snapshot_teacher(run_dir, path)
+        path.unlink()
+    if (run_dir / "final.pth").is_file():
+        snapshot_teacher(run_dir, run_dir / "final.pth")
+    return sorted((run_dir / "epochs").glob("teacher_epoch*.pth"))
 
 
 def eval_loaders(config: dict) -> tuple:
@@ -335,6 +331,8 @@ def do_run(out: Path, results_dir: Path, arm: str, seed: int, recipe: list[str],
         t0 = time.perf_counter()
         if not (run_dir / "final.pth").is_file():
             train_run(run_dir, arm, seed, recipe, threads, snapshots)
+        if snapshots:
+            collect_snapshots(run_dir)
         result = {"arm": arm, "seed": seed, "recipe": recipe, **evaluate_run(run_dir, threads)}
         write_json_atomic(run_dir / "result.json", result)
         print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: knn20 {result['knn20']:.2f} "

@@ -121,25 +121,32 @@ def test_p7_arms_pair_with_dino_of_their_patch_size():
     assert s["mean-p7"]["knn20_vs_dino"][0] == 3 and s["dino-p7"]["knn20_vs_dino"] is None
 
 
-def test_snapshot_copies_the_teacher_backbone_of_each_epoch(tmp_path):
+def test_snapshots_keep_the_teacher_backbone_of_each_epoch_checkpoint(tmp_path):
     import torch
 
-    from pwself_reference.checkpoint import load_backbone, save_checkpoint
+    from pwself_reference.checkpoint import load_backbone, load_checkpoint, save_checkpoint
 
     backbone, config = rep.untrained_backbone(["--depth", "1", "--embed-dim", "16",
                                                "--num-heads", "2"], "dino", 0)
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    ck = tmp_path / "checkpoint.pth"
-    save_checkpoint({"config": config, "teacher": {**state, "head.w": torch.zeros(2)},
-                     "epoch": 3}, ck)
-    seen = rep.snapshot_epoch(tmp_path, ck, None)
-    snap = tmp_path / "epochs" / "teacher_epoch003.pth"
-    net, _ = load_backbone(snap, "teacher")
+    for epoch in (1, 3):  # train.py --saveckp-freq: checkpointNNNN.pth after NNNN epochs
+        save_checkpoint({"config": config, "teacher": {**state, "head.w": torch.zeros(2)},
+                         "optimizer": {"state": torch.ones(3)}, "epoch": epoch},
+                        tmp_path / f"checkpoint{epoch:04d}.pth")
+    save_checkpoint({"config": config, "teacher": state, "epoch": 3}, tmp_path / "checkpoint.pth")
+    snaps = rep.collect_snapshots(tmp_path)
+    assert [p.name for p in snaps] == ["teacher_epoch001.pth", "teacher_epoch003.pth"]
+    # the numbered checkpoints are gone once kept as snapshots; the rolling one stays
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*.pth")) == ["checkpoint.pth"]
+    net, _ = load_backbone(snaps[1], "teacher")
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
                                                   backbone.state_dict().values()))
-    snap.unlink()
-    assert rep.snapshot_epoch(tmp_path, ck, seen) == seen and not snap.exists()  # unchanged file
-    assert rep.snapshot_epoch(tmp_path, tmp_path / "missing.pth", None) is None
+    assert set(load_checkpoint(snaps[0])) == {"config", "teacher", "epoch"}
+    assert all(k.startswith("backbone.") for k in load_checkpoint(snaps[0])["teacher"])
+    # repeating (a kill after the snapshots) changes nothing; final.pth adds its epoch
+    save_checkpoint({"config": config, "teacher": state, "epoch": 4}, tmp_path / "final.pth")
+    assert [p.name for p in rep.collect_snapshots(tmp_path)] == [
+        "teacher_epoch001.pth", "teacher_epoch003.pth", "teacher_epoch004.pth"]
 
 
 def test_tiny_long_grid_trains_evaluates_and_reports(tmp_path):
@@ -158,8 +165,8 @@ def test_tiny_long_grid_trains_evaluates_and_reports(tmp_path):
             assert 0.0 <= run[key] <= 100.0
         # k-NN at initialisation and after each epoch
         assert len(run["knn20_by_epoch"]) == 3 and run["knn20_by_epoch"][-1] == run["knn20"]
-        # per-epoch correspondence from the snapshots: at least the last epoch (final.pth)
-        assert "2" in run["corr_by_epoch"] and set(run["corr_by_epoch"]) <= {"1", "2"}
+        # per-epoch correspondence from the teacher of every epoch (--saveckp-freq 1)
+        assert set(run["corr_by_epoch"]) == {"1", "2"}
         for g in rep.CORR_GROUPS:
             assert 0.0 <= rep.corr_value(run, g) <= 100.0
     # same seed, same initialisation: both arms start from the same k-NN accuracy ...
@@ -174,6 +181,11 @@ def test_tiny_long_grid_trains_evaluates_and_reports(tmp_path):
     assert (f"k-NN top-1 on raw pixels (flattened input, same k-NN): {raw['knn20']:.2f}%"
             in (out / "dino" / "seed0" / "train.out").read_text())
     assert set(data["baselines"]) >= {"raw pixels", "untrained network", "chance"}
+    for arm in ("dino", "mean"):  # epoch checkpoints reduced to teacher snapshots
+        run_dir = out / arm / "seed0"
+        assert not list(run_dir.glob("checkpoint0*.pth"))
+        assert len(list((run_dir / "epochs").glob("teacher_epoch*.pth"))) == 2
+        assert "--saveckp-freq 1" in (run_dir / "train.out").read_text()
     assert (results / "reproduction_long.png").stat().st_size > 0
     assert (results / "reproduction_long_curves.png").stat().st_size > 0
     md = (results / "reproduction_long.md").read_text()
