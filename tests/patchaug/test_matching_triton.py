@@ -7,9 +7,6 @@ It must equal the numpy and torch engines bit for bit and the exact reference.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,6 +14,7 @@ import torch
 
 from patchaug import PatchMatch, match_patches, match_view_pairs
 from patchaug.matching import match_patches_reference
+from tests.patchaug.triton_compile import assert_compiles
 
 pytest.importorskip("triton")
 from patchaug.triton_engine import triton_available  # noqa: E402
@@ -232,10 +230,4 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_kernel_compiles_for_a_cuda_target() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env,
-                            capture_output=True, text=True, timeout=300)
-    if result.stderr.strip().startswith("SKIP"):
-        pytest.skip(result.stderr.strip())
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled 6" in result.stdout
+    assert_compiles(_COMPILE_SCRIPT, 6)

@@ -6,9 +6,6 @@ One test compiles the kernel for a CUDA target in a subprocess, which needs no G
 
 # tests/conftest.py sets TRITON_INTERPRET=1 where there is no GPU, before triton is imported
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import kornia
@@ -17,6 +14,7 @@ import torch
 
 from patchaug import patch_ops as po
 from patchaug.triton_engine import OP_CODES, apply_patch_chain, triton_available
+from tests.patchaug.triton_compile import assert_compiles
 
 needs_interpreter = pytest.mark.skipif(
     not triton_available(torch.device("cpu")),
@@ -326,10 +324,4 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
 def test_kernel_compiles_for_a_cuda_target() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env,
-                            capture_output=True, text=True, timeout=300)
-    if result.stderr.strip().startswith("SKIP"):
-        pytest.skip(result.stderr.strip())
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled 3" in result.stdout
+    assert_compiles(_COMPILE_SCRIPT, 3)
