@@ -871,12 +871,9 @@ def match_view_pairs(
 
 
 def _view_pairs_triton(boxes, flips, grid, pairs, rule: str, cls: bool):
-    from . import triton_engine
     from .matching_triton import match_pairs_triton
 
-    if not triton_engine.triton_available(boxes.device):
-        raise RuntimeError(f"engine='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1), "
-                           f"got boxes on {boxes.device}")
+    _require_triton(boxes.device)
     if boxes.dtype == torch.bool or boxes.is_complex():
         raise TypeError(f"boxes must hold real numbers, got dtype {boxes.dtype}")
     _check_box_values(_TorchOps, boxes.detach().to(_work_dtype(boxes.device)), "boxes")
@@ -933,14 +930,11 @@ def _match_triton(box_a, box_b, grid_a, grid_b, flip_a=False, flip_b=False, *, r
                   cls=True) -> PatchMatch:
     """:func:`match_patches` on the fused Triton kernel (:mod:`patchaug.matching_triton`):
     one launch, outputs on the boxes' device. Validates like the other engines."""
-    from . import triton_engine
     from .matching_triton import match_pairs_triton
 
     rows_a, cols_a, rows_b, cols_b, ba, bb, fa, fb, batch = _validated(
         box_a, box_b, grid_a, grid_b, flip_a, flip_b, rule, cls)
-    if not triton_engine.triton_available(ba.device):
-        raise RuntimeError(f"engine='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1), "
-                           f"got boxes on {ba.device}")
+    _require_triton(ba.device)
     size = math.prod(batch)
     boxes = torch.stack([ba.expand(*batch, 4).reshape(size, 4), bb.expand(*batch, 4).reshape(size, 4)])
     flips = torch.stack([fa.expand(batch).reshape(size), fb.expand(batch).reshape(size)])
@@ -951,6 +945,14 @@ def _match_triton(box_a, box_b, grid_a, grid_b, flip_a=False, flip_b=False, *, r
     slots = valid.shape[-1]
     return PatchMatch(idx_a=idx_a.view(*batch, slots), idx_b=idx_b.view(*batch, slots),
                       valid=valid.view(*batch, slots))
+
+
+def _require_triton(device: torch.device) -> None:
+    from . import triton_engine
+
+    if not triton_engine.triton_available(device):
+        raise RuntimeError(f"engine='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1), "
+                           f"got boxes on {device}")
 
 
 _ENGINES = {"numpy": _match_numpy, "torch": _match_torch, "triton": _match_triton}

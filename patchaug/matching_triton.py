@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .triton_engine import _jit, tl, triton, triton_available
+from .triton_engine import _interpreting, _jit, tl, triton, triton_available
 
 __all__ = ["match_pairs_triton", "triton_available"]
 
@@ -210,7 +210,7 @@ def match_pairs_triton(boxes: torch.Tensor, flips: torch.Tensor,
         longest output of the pairs; pair ``p``'s first ``cls + min rows * min cols``
         slots equal :func:`patchaug.match_patches` for it, the rest are empty.
     """
-    n_views, batch = boxes.shape[0], boxes.shape[1]
+    batch = boxes.shape[1]
     pairs = tuple((int(i), int(j)) for i, j in pairs)
     grids = tuple((int(r), int(c)) for r, c in grids)
     m_len = max((cls + min(grids[i][0], grids[j][0]) * min(grids[i][1], grids[j][1])
@@ -228,13 +228,7 @@ def match_pairs_triton(boxes: torch.Tensor, flips: torch.Tensor,
         _match_kernel[(len(pairs) * batch,)](
             box64, flip8, table, idx_a, idx_b, valid, batch, m_len,
             RULE=_RULE_CODES[rule], CLS=int(cls), BLOCK_M=block,
-            **({} if _interpret_mode() else {"enable_fp_fusion": False}),
+            **({} if _interpreting() else {"enable_fp_fusion": False}),
         )
-    del n_views
     return idx_a, idx_b, valid.view(torch.bool)
 
-
-def _interpret_mode() -> bool:
-    from .triton_engine import _interpreting
-
-    return _interpreting()
