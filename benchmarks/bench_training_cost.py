@@ -31,7 +31,10 @@ Phases (seconds per step):
 
 With ``--fused-loss on`` (configurations ending in ``-fused``) the head phase stops at
 the bottleneck features and the last layer's weight; the loss phase runs the fused loss,
-whose last-layer matrix products are moved to ``head`` by their profiled share.
+whose matrix products with the last layer (the teacher and student logits, ``G W`` and
+``G^T x``, and the centre's ``(summed features) W^T``, all profiled under
+``FusedHeadLoss.last_layer``) are moved to ``head`` by their profiled share: in the
+unfused step the head computes them.
 
 Each configuration runs in a fresh subprocess (1 warm-up step, then ``--steps``
 timed steps); its peak memory is the process's resident-set high-water mark

@@ -347,15 +347,17 @@ def _fused_chunks(plan, xs, ws, xt, wt, center, center_index, student_temp, teac
         for t_idx, a in chunk.teacher:
             m = t_idx.numel()
             p = buf_a[: m * k].view(m, k)
-            # P = softmax((x_t / tau_t) W_t^T - c / tau_t)
+            # P = softmax((x_t / tau_t) W_t^T - c / tau_t): the centre rows are written
+            # first and the product's epilogue scales them by -1 / tau_t (no separate pass
+            # for the centring); the softmax works row by row, each row in cache
+            if center_index is None:
+                p.copy_(center.expand(m, k))
+            else:
+                torch.index_select(center, 0, center_index.index_select(0, t_idx), out=p)
             x_t = (xt.index_select(0, t_idx).float() / teacher_temp).to(dtype)
             with torch.profiler.record_function(LAST_LAYER_LABEL):
-                _addmm_into(p, x_t, wt_m.t(), beta=0.0)
-            c_row = None if center_index is None else center_index.index_select(0, t_idx)
-            for r0 in range(0, m, block):
-                pb = p[r0:r0 + block]
-                c_b = center if c_row is None else center.index_select(0, c_row[r0:r0 + block])
-                torch.softmax(pb.add_(c_b, alpha=-1.0 / teacher_temp), -1, out=pb)
+                _addmm_into(p, x_t, wt_m.t(), beta=-1.0 / teacher_temp)
+            torch.softmax(p, -1, out=p)
             if not in_blocks:
                 q.addmm_(a, p)                                          # Q += A P
         x_c = xs.index_select(0, chunk.student)
@@ -410,7 +412,7 @@ def _addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float
     elif beta == 0.0:
         out.copy_(a @ b)
     else:
-        out.add_(a @ b)
+        out.mul_(beta).add_(a @ b)
 
 
 def fused_memory_bytes(chunk_rows: int, out_dim: int, bottleneck_dim: int,

@@ -756,7 +756,12 @@ class PWSelfLoss(nn.Module):
         with torch.profiler.record_function(CENTER_LABEL):
             batch_sum, count = self._batch_sum(teacher)
             if teacher.last_layer is not None:  # sums of features: the logits are linear in them
-                batch_sum = batch_sum @ teacher.last_layer.detach().float().t()
+                from pwself_reference.fused_loss import LAST_LAYER_LABEL
+
+                # the head's last layer applied to the summed features (profiled as the
+                # last layer, as the fused loss's other products with it are)
+                with torch.profiler.record_function(LAST_LAYER_LABEL):
+                    batch_sum = batch_sum @ teacher.last_layer.detach().float().t()
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(batch_sum)
                 dist.all_reduce(count)
@@ -765,10 +770,11 @@ class PWSelfLoss(nn.Module):
                 batch_center = batch_sum.div_(count)  # in place: no more (1, T, K) buffers
                 self.center.mul_(m).add_(batch_center, alpha=1 - m)
                 return
-            seen = (count > 0).view(1, -1, 1)  # per-token positions no sample kept stay
-            batch_center = batch_sum.div_(count.clamp(min=1).view(1, -1, 1))
-            self.center.copy_(torch.where(seen, self.center * m + (1 - m) * batch_center,
-                                          self.center))
+            # per-token positions no sample kept stay: their momentum is 1, their batch
+            # weight 0 (in place: no (1, T, K) temporaries)
+            seen = (count > 0).view(1, -1, 1)
+            batch_center = batch_sum.mul_(seen / count.clamp(min=1).view(1, -1, 1))
+            self.center.mul_(torch.where(seen, m, 1.0)).add_(batch_center, alpha=1 - m)
 
     def _batch_sum(self, teacher: HeadOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 sum of the teacher outputs over the batch and the views (and the tokens

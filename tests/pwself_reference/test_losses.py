@@ -170,6 +170,26 @@ def test_center_ema_update(center):
     torch.testing.assert_close(crit.center, 0.9 * 0.1 * batch_mean + 0.1 * batch_mean)
 
 
+def test_per_token_center_update_of_kept_rows():
+    """Under --head-tokens matched the teacher rows are the kept tokens: each centre position
+    moves towards the mean of its kept rows, and a position no sample kept stays."""
+    from pwself_reference.network import HeadOutput
+
+    crit = PWSelfLoss(K, n_teacher_tokens=3, center="per-token", center_momentum=0.9)
+    crit.center.copy_(torch.randn(1, 3, K))
+    before = crit.center.clone()
+    full = torch.randn(2 * 2 * 3, K)                     # 2 views x 2 samples x 3 tokens
+    kept = torch.tensor([0, 2, 3, 5, 8, 11])             # token 1 is never kept
+    out = HeadOutput(full[kept], batch=2, tokens=(3, 3), kept=kept)
+    crit.update_center(out)
+    token = kept % 3
+    for t in range(3):
+        rows = full[kept[token == t]]
+        want = before[0, t] if rows.shape[0] == 0 else 0.9 * before[0, t] + 0.1 * rows.mean(0)
+        torch.testing.assert_close(crit.center[0, t], want)
+    assert torch.equal(crit.center[0, 1], before[0, 1])
+
+
 def test_teacher_temperature_follows_schedule():
     temps = teacher_temp_schedule(0.04, 0.07, 3, 5)
     crit = PWSelfLoss(K, 1, loss="dino", teacher_temps=temps)
