@@ -47,11 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-#: configuration name -> (loss, patch_aug)
-CONFIGS: dict[str, tuple[str, str]] = {
-    "dino": ("dino", "none"),
-    "pwself-mean": ("mean", "none"),
-    "pwself-mean-patchaug": ("mean", "authors"),
+#: configuration name -> (loss, patch_aug, further train.py flags); PW-Self runs with the
+#: fused loss (the default) unless a configuration turns it off
+CONFIGS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "dino": ("dino", "none", ()),
+    "pwself-mean": ("mean", "none", ()),
+    "pwself-mean-patchaug": ("mean", "authors", ()),
+    "pwself-mean-matched": ("mean", "none", ("--head-tokens", "matched")),
+    "pwself-mean-unfused": ("mean", "none", ("--fused-loss", "off")),
 }
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
 
@@ -66,13 +69,13 @@ def build_args(arch: str, config: str, batch: int, device: str, precision: str,
     """train.py's flags for one measurement: the ImageNet-100 preset, on-device crops."""
     from pwself_reference.config import parse_args
 
-    loss, patch_aug = CONFIGS[config]
+    loss, patch_aug, flags = CONFIGS[config]
     argv = ["--preset", f"imagenet100-{arch.replace('_', '-')}16-{loss}",
             # no data is read: a dataset that needs no directory, and on-device crops
             "--dataset", "fashion-mnist-mini", "--crops", "batched",
             "--patch-aug", patch_aug, "--batch-size", str(batch), "--device", device,
             "--precision", precision, "--knn-every", "0", "--no-plots", "--no-progress",
-            "--output-dir", tempfile.gettempdir()]
+            "--output-dir", tempfile.gettempdir(), *flags]
     if smoke:
         argv += SMOKE_FLAGS
     if local_crops is not None:
@@ -148,7 +151,9 @@ def measure(arch: str, config: str, batch: int, steps: int, warmup: int, image_s
                  + [args.local_crop_size] * args.local_crops_number)
     res = {
         "config": config, "arch": arch, "patch_size": args.patch_size, "loss": args.loss,
-        "patch_aug": args.patch_aug, "out_dim": args.out_dim, "batch": batch,
+        "patch_aug": args.patch_aug, "head_tokens": args.head_tokens,
+        "fused_loss": args.fused_loss if args.loss != "dino" else None,
+        "out_dim": args.out_dim, "batch": batch,
         "crops": f"{args.global_crops_number}x{args.global_crop_size} + "
                  f"{args.local_crops_number}x{args.local_crop_size}",
         "precision": str(tr.amp_dtype).replace("torch.", "") if tr.amp_dtype else "fp32",

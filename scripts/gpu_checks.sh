@@ -8,6 +8,9 @@
 #                                         # (fits one 10-minute call of a lent GPU)
 #   bash scripts/gpu_checks.sh matching   # only matching: its device tests (Triton engine, one
 #                                         # compile) and the GPU step benchmark (a few minutes)
+#   bash scripts/gpu_checks.sh training   # only the training step: the fused loss and training
+#                                         # device tests, and bench_gpu_throughput (DINO, PW-Self
+#                                         # fused / matched / unfused, ViT-S/16 and ViT-B/16)
 set -u -o pipefail
 PART=${1:-all}
 OUT=${OUT:-$PWD/gpu_out}
@@ -22,22 +25,25 @@ if [ "$PART" = jitter ]; then
     tests=tests/device/test_patch_jitter_on_device.py
 elif [ "$PART" = matching ]; then
     tests=tests/device/test_matching_on_device.py
+elif [ "$PART" = training ]; then
+    tests="tests/device/test_fused_loss_on_device.py tests/device/test_training_on_device.py"
 else
     tests=tests/device
 fi
 echo "== device tests ($tests)"
-timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -q -p no:cacheprovider -x --durations=5 "$tests" \
+# shellcheck disable=SC2086  # $tests may hold several paths
+timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -q -p no:cacheprovider -x --durations=5 $tests \
     2>&1 | tee "$OUT/device_tests.log" | tail -25 || status=1
 {
-if [ "$PART" = all ]; then
-    echo "== training throughput (issue 6)"
+if [ "$PART" = all ] || [ "$PART" = training ]; then
+    echo "== training throughput (issues 6, 20)"
     timeout "${THROUGHPUT_TIMEOUT:-300}" $PY benchmarks/bench_gpu_throughput.py --out "$OUT" || status=1
 fi
-if [ "$PART" != matching ]; then
+if [ "$PART" = all ] || [ "$PART" = jitter ]; then
     echo "== PatchJitter: Triton and torch engines, float32 and bfloat16 (issues 3, 14)"
     timeout 300 $PY benchmarks/bench_patch_jitter.py --gpu-only --out "$OUT" || status=1
 fi
-if [ "$PART" != jitter ]; then
+if [ "$PART" = all ] || [ "$PART" = matching ]; then
     echo "== match_patches: fused Triton and torch engines vs EsViT (issues 2, 15)"
     timeout 180 $PY benchmarks/bench_matching.py --device cuda --repeat 30 --out "$OUT" || status=1
 fi

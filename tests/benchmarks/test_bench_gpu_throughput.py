@@ -34,7 +34,8 @@ def test_smoke_times_every_config_on_cpu(tmp_path: Path) -> None:
     assert meta["torch"] == torch.__version__
     assert "CPU" in meta["device_name"]
     assert meta["precision"] == "bf16"
-    assert [r["config"] for r in results] == ["dino", "pwself-mean", "pwself-mean-patchaug"]
+    assert [r["config"] for r in results] == ["dino", "pwself-mean", "pwself-mean-patchaug",
+                                              "pwself-mean-matched", "pwself-mean-unfused"]
     for r in results:
         assert r["batch"] == 4 and r["timed_steps"] == 2 and r["oom_batches"] == []
         assert r["precision"] == "bfloat16"
@@ -46,17 +47,19 @@ def test_smoke_times_every_config_on_cpu(tmp_path: Path) -> None:
     # head tokens per image: CLS of 4 views (DINO); 2 x (1 + 4 x 4) + 2 x (1 + 2 x 2) (PW-Self)
     assert results[0]["student_tokens_per_image"] == 4
     assert results[1]["student_tokens_per_image"] == 44
-    assert [r["patch_aug"] for r in results] == ["none", "none", "authors"]
-    assert [r["loss"] for r in results] == ["dino", "mean", "mean"]
+    assert [r["patch_aug"] for r in results] == ["none", "none", "authors", "none", "none"]
+    assert [r["loss"] for r in results] == ["dino"] + ["mean"] * 4
+    assert [r["head_tokens"] for r in results] == ["all"] * 3 + ["matched", "all"]
+    assert [r["fused_loss"] for r in results] == [None, "on", "on", "on", "off"]
 
     files = bench.write_results(payload, tmp_path)
     assert [f.name for f in files] == ["gpu_throughput.json", "gpu_throughput.md",
                                        "gpu_throughput_table.rst"]
     assert json.loads(files[0].read_text()) == json.loads(json.dumps(payload))
     md = files[1].read_text()
-    assert "SMOKE RUN" in md and md.count("| vit_small/8 |") == 3
+    assert "SMOKE RUN" in md and md.count("| vit_small/8 |") == 5
     rst = files[2].read_text()
-    assert rst.startswith(".. list-table::") and rst.count("   * - vit_small/8") == 3
+    assert rst.startswith(".. list-table::") and rst.count("   * - vit_small/8") == 5
     assert "     - 1.00x" in rst  # DINO against itself
 
 
