@@ -35,7 +35,9 @@ where they fit (a pair never links two images, so the teacher rows a chunk needs
 are those of its images: each teacher row is computed about once). For every
 chunk, the teacher probabilities of its teacher rows (in pieces of at most
 ``chunk_size`` rows) are formed and multiplied into the chunk's targets ``Q``;
-then the chunk's student logits, their log-sum-exp, the loss and ``G``; then
+then the chunk's student logits, their log-sum-exp, the loss and ``G`` (the row
+pass: torch operators, :func:`~pwself_reference.fused_loss_triton.student_rows_torch`,
+or on CUDA one Triton kernel, :mod:`pwself_reference.fused_loss_triton`); then
 ``G W_s`` and ``G^T x_s`` are added to the gradients. Everything of size ``K``
 is one of two ``(chunk_size, K)`` float32 buffers allocated once and reused (the
 teacher probabilities ``P`` and the student logits, then ``G``; the targets ``Q`` of
@@ -74,6 +76,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pwself_reference.fused_loss_triton import (
+    student_rows_torch,
+    student_rows_triton,
+    triton_available,
+)
 from pwself_reference.losses import LossSlots
 
 __all__ = [
@@ -260,7 +267,7 @@ class FusedHeadLoss(torch.autograd.Function):
     """``L`` of the module docstring from the bottleneck features and the last layer.
 
     ``forward(ctx, student_features, student_weight, teacher_features, teacher_weight,
-    center, center_index, plan, student_temp, teacher_temp, block, need_grad)``;
+    center, center_index, plan, student_temp, teacher_temp, block, engine, need_grad)``;
     differentiable in ``student_features`` and ``student_weight`` (the teacher side and
     the centre are constants). ``plan`` comes from the pairs (see :func:`fused_head_loss`,
     which is the function to call).
@@ -269,7 +276,7 @@ class FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs: torch.Tensor, ws: torch.Tensor, xt: torch.Tensor, wt: torch.Tensor,
                 center: torch.Tensor, center_index: torch.Tensor | None, plan: list[_Chunk],
-                student_temp: float, teacher_temp: float, block: int | None,
+                student_temp: float, teacher_temp: float, block: int | None, engine: str,
                 need_grad: bool) -> torch.Tensor:
         """The loss; with ``need_grad``, its gradients too, saved for :meth:`backward`."""
         device = xs.device
@@ -284,7 +291,7 @@ class FusedHeadLoss(torch.autograd.Function):
                     torch.profiler.record_function(FUSED_LOSS_LABEL):
                 _fused_chunks(plan, xs.detach(), ws.detach(), xt.detach(), wt.detach(),
                               center.detach().float(), center_index, student_temp,
-                              teacher_temp, block, dtype, loss, grad_x, grad_w)
+                              teacher_temp, block, engine, dtype, loss, grad_x, grad_w)
         if need_grad:
             ctx.save_for_backward(grad_x, grad_w)
         ctx.need_grad = need_grad
@@ -294,7 +301,7 @@ class FusedHeadLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         """The saved gradients times ``grad_out``, in the inputs' dtypes."""
-        none = (None,) * 9
+        none = (None,) * 10
         if not ctx.need_grad:
             return (None, None) + none
         grad_x, grad_w = ctx.saved_tensors
@@ -313,7 +320,7 @@ class FusedHeadLoss(torch.autograd.Function):
 
 
 def _fused_chunks(plan, xs, ws, xt, wt, center, center_index, student_temp, teacher_temp,
-                  block, dtype, loss, grad_x, grad_w) -> None:
+                  block, engine, dtype, loss, grad_x, grad_w) -> None:
     """The chunk loop of :class:`FusedHeadLoss`; adds into ``loss``, ``grad_x``, ``grad_w``."""
     device = xs.device
     k = ws.shape[0]
@@ -364,31 +371,30 @@ def _fused_chunks(plan, xs, ws, xt, wt, center, center_index, student_temp, teac
         z = (buf_b if in_blocks else buf_a)[: n * k].view(n, k)
         with torch.profiler.record_function(LAST_LAYER_LABEL):
             _addmm_into(z, (x_c.float() / student_temp).to(dtype), ws_m.t(), beta=0.0)
-        # per row: lse = max(z) - log(max(softmax(z))), so softmax is the one exp pass;
-        # -sum_k Q log_softmax(z) = c * lse - Q . z   (a teacher row sums to 1)
-        z_max = torch.empty(n, dtype=torch.float32, device=device)
-        p_max = torch.empty(n, dtype=torch.float32, device=device)
-        c_scaled = (chunk.row_weight / student_temp).unsqueeze(-1)
-        for b, r0 in enumerate(range(0, n, block)):
-            r1 = min(n, r0 + block)
-            zb = z[r0:r1]
-            if in_blocks:  # Q of the block's rows: sum_p w_p P[t_p], gathered here
-                qb = q_block[: (r1 - r0) * k].view(r1 - r0, k)
-                lo, hi = chunk.block_bounds[b], chunk.block_bounds[b + 1]
-                g = gathered[: (hi - lo) * k].view(hi - lo, k)
-                torch.index_select(p, 0, chunk.pair_teacher[lo:hi], out=g)
-                torch.mm(chunk.block_weights[b, : r1 - r0, : hi - lo], g, out=qb)
-            else:
-                qb = q[r0:r1]
-            torch.amax(zb, 1, out=z_max[r0:r1])
-            qz.add_(torch.dot(qb.reshape(-1), zb.reshape(-1)))
-            torch.softmax(zb, -1, out=zb)
-            torch.amax(zb, 1, out=p_max[r0:r1])
-            if grad_x is not None:  # G = (c * softmax(z) - Q) / tau_s, in the logits' buffer
-                zb.mul_(c_scaled[r0:r1]).sub_(qb, alpha=1.0 / student_temp)
-        lse = z_max - p_max.log()
+        # per row: -sum_k Q log_softmax(z) = c * lse - Q . z   (a teacher row sums to 1);
+        # then G = (c * softmax(z) - Q) / tau_s in the logits' buffer
+        scale = chunk.row_weight / student_temp
+        need_grad = grad_x is not None
+        if not in_blocks and engine == "triton":
+            lse, qz_chunk = student_rows_triton(z, q, scale, student_temp, need_grad)
+            qz.add_(qz_chunk)
+        else:
+            lse = torch.empty(n, dtype=torch.float32, device=device)
+            for b, r0 in enumerate(range(0, n, block)):
+                r1 = min(n, r0 + block)
+                if in_blocks:  # Q of the block's rows: sum_p w_p P[t_p], gathered here
+                    qb = q_block[: (r1 - r0) * k].view(r1 - r0, k)
+                    lo, hi = chunk.block_bounds[b], chunk.block_bounds[b + 1]
+                    g = gathered[: (hi - lo) * k].view(hi - lo, k)
+                    torch.index_select(p, 0, chunk.pair_teacher[lo:hi], out=g)
+                    torch.mm(chunk.block_weights[b, : r1 - r0, : hi - lo], g, out=qb)
+                else:
+                    qb = q[r0:r1]
+                lse[r0:r1], qz_block = student_rows_torch(z[r0:r1], qb, scale[r0:r1],
+                                                          student_temp, need_grad)
+                qz.add_(qz_block)
         loss.add_(torch.dot(chunk.row_weight, lse))
-        if grad_x is None:
+        if not need_grad:
             continue
         g_m = z.to(dtype)
         with torch.profiler.record_function(LAST_LAYER_LABEL):
@@ -440,6 +446,7 @@ def fused_head_loss(
     teacher_temp: float,
     center_index: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    engine: str = "auto",
 ) -> torch.Tensor:
     """The PW-Self loss from the bottleneck features, chunk by chunk (see the module docstring).
 
@@ -463,6 +470,12 @@ def fused_head_loss(
         ``(1, K)`` global centre.
     chunk_size : int, optional
         Rows of the ``(chunk, K)`` buffers; default ``DEFAULT_CHUNK_VALUES // K``.
+    engine : {"auto", "torch", "triton"}
+        The row pass after the student logits (log-sum-exp, ``Q . z`` and ``G``):
+        ``"torch"`` operators (on the CPU in blocks of rows that stay in cache), or one
+        Triton kernel per chunk (:mod:`pwself_reference.fused_loss_triton`; CUDA, or any
+        device under ``TRITON_INTERPRET=1``). ``"auto"``: Triton on CUDA where it is
+        installed, else torch.
 
     Returns
     -------
@@ -488,13 +501,21 @@ def fused_head_loss(
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     device = student_features.device
-    # element-wise passes on blocks of rows that stay in cache: on the CPU
-    block = min(chunk_size, max(1, _BLOCK_VALUES // k)) if device.type == "cpu" else None
+    if engine not in ("auto", "torch", "triton"):
+        raise ValueError(f"engine must be 'auto', 'torch' or 'triton', got {engine!r}")
+    if engine == "auto":
+        engine = "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    elif engine == "triton" and not triton_available(device):
+        raise ValueError(f"engine='triton' needs triton and a CUDA device (or "
+                         f"TRITON_INTERPRET=1), got a {device.type} tensor")
+    # element-wise passes on blocks of rows that stay in cache: on the CPU, torch engine
+    block = (min(chunk_size, max(1, _BLOCK_VALUES // k))
+             if device.type == "cpu" and engine == "torch" else None)
     plan = _plan(pairs, student_features.shape[0], teacher_features.shape[0], chunk_size,
                  device, block)
     need_grad = torch.is_grad_enabled() and (student_features.requires_grad
                                              or student_weight.requires_grad)
     return FusedHeadLoss.apply(student_features, student_weight, teacher_features,
                                teacher_weight, center, center_index, plan, float(student_temp),
-                               float(teacher_temp), block, need_grad)
+                               float(teacher_temp), block, engine, need_grad)
 

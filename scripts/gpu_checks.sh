@@ -9,7 +9,8 @@
 #   bash scripts/gpu_checks.sh matching   # only matching: its device tests (Triton engine, one
 #                                         # compile) and the GPU step benchmark (a few minutes)
 #   bash scripts/gpu_checks.sh training   # only the training step: the fused loss and training
-#                                         # device tests, and bench_gpu_throughput (DINO, PW-Self
+#                                         # device tests, bench_fused_loss (the loss's engines
+#                                         # alone) and bench_gpu_throughput (DINO, PW-Self
 #                                         # fused / matched / unfused, ViT-S/16 and ViT-B/16)
 set -u -o pipefail
 PART=${1:-all}
@@ -36,6 +37,8 @@ timeout "${TESTS_TIMEOUT:-420}" $PY -m pytest -q -p no:cacheprovider -x --durati
     2>&1 | tee "$OUT/device_tests.log" | tail -25 || status=1
 {
 if [ "$PART" = all ] || [ "$PART" = training ]; then
+    echo "== the last layer + loss alone: unfused, fused torch and Triton row pass (issue 20)"
+    timeout 150 $PY benchmarks/bench_fused_loss.py --device cuda --out "$OUT" || status=1
     echo "== training throughput (issues 6, 20)"
     timeout "${THROUGHPUT_TIMEOUT:-450}" $PY benchmarks/bench_gpu_throughput.py --out "$OUT" || status=1
 fi

@@ -1,6 +1,7 @@
 """The fused head-output loss on the device: same value and gradients as the reference on
 the CPU (on CUDA it takes the whole-chunk route: the targets of a chunk at once through a
-sparse product, no cache blocks), in float32 and under bfloat16 autocast, and at a large
+sparse product, no cache blocks, and the Triton row pass where triton is installed, or
+torch operators), in float32 and under bfloat16 autocast, and at a large
 out_dim with the default chunk."""
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _on(device, pairs: LossSlots) -> LossSlots:
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("mode", ["global", "per-token"])
 @pytest.mark.parametrize("chunk", [3, None])
-def test_fused_on_device_equals_cpu_reference(device, loss, mode, chunk):
+@pytest.mark.parametrize("engine", ["auto", "torch"])   # auto: the Triton row pass on CUDA
+def test_fused_on_device_equals_cpu_reference(device, loss, mode, chunk, engine):
     gen, xs, v, g, xt, wt = setup(4)
     c, index = centre(gen, mode)
     pairs = matched_pairs(random_matches(gen), loss)
@@ -45,7 +47,7 @@ def test_fused_on_device_equals_cpu_reference(device, loss, mode, chunk):
                             xt.to(device), wt.to(device), c.to(device), _on(device, pairs),
                             TAU_S, TAU_T,
                             center_index=None if index is None else index.to(device),
-                            chunk_size=chunk)
+                            chunk_size=chunk, engine=engine)
     assert fused.device.type == torch.device(device).type
     assert torch.allclose(fused.cpu(), ref, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads(fused, [xs_d, v_d]), grads(ref, [xs_c, v_c])):

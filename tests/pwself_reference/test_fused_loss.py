@@ -351,7 +351,7 @@ def test_whole_chunk_route_equals_reference(chunk):
     plan = _plan(pairs, xs.shape[0], xt.shape[0], chunk, torch.device("cpu"), None)
     assert all(ch.block_weights is None for ch in plan)
     fused = FusedHeadLoss.apply(xs, g * F.normalize(v, dim=-1), xt, wt, c, index, plan, TAU_S,
-                                TAU_T, None, True)
+                                TAU_T, None, "torch", True)
     ref = reference_head_loss(xs, g * F.normalize(v, dim=-1), xt, wt, c, pairs, TAU_S, TAU_T,
                               center_index=index)
     assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-6)
