@@ -96,6 +96,8 @@ def student_rows_triton(z: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         raise ValueError("z and q must be contiguous float32 (n, K) tensors of one shape, got "
                          f"{z.dtype} {tuple(z.shape)} and {q.dtype} {tuple(q.shape)}")
     n, k = z.shape
+    if scale.shape != (n,):
+        raise ValueError(f"scale must be a ({n},) tensor (one per row), got {tuple(scale.shape)}")
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
     qz = torch.empty(n, dtype=torch.float32, device=z.device)
     if n == 0:

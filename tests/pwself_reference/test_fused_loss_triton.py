@@ -77,6 +77,8 @@ def test_kernel_rejects_bad_buffers():
         student_rows_triton(z.t(), q.t(), scale, TAU_S, True)
     with pytest.raises(ValueError, match="contiguous float32"):
         student_rows_triton(z.double(), q.double(), scale, TAU_S, True)
+    with pytest.raises(ValueError, match="scale"):
+        student_rows_triton(z, q, scale[:1], TAU_S, True)
 
 
 @interpreted
