@@ -13,7 +13,8 @@ teacher token of its image (and each CLS with the other global view's CLS), weig
   ``engine="torch"``;
 * ``fused-triton``: the same with the Triton row pass (CUDA only).
 
-Per way: the median time per call over ``--repeat`` calls after one warm-up, and on CUDA
+Each fused way runs at each ``--chunk-sizes`` value (rows per chunk; default the fused
+loss's own). Per run: the median time per call over ``--repeat`` calls after one warm-up, and on CUDA
 the peak memory the call allocates (``torch.cuda.max_memory_allocated`` above what the
 inputs hold); the ratios are to ``unfused``.
 
@@ -78,21 +79,22 @@ def make_inputs(batch: int, locals_: int, out_dim: int, dim: int, dtype: torch.d
             "pairs": pairs, "rows": (n_s, n_t)}
 
 
-def one_call(way: str, inp: dict) -> float:
+def one_call(way: str, inp: dict, chunk: int | None = None) -> float:
     xs = inp["xs"].detach().requires_grad_()
     w = inp["w"].detach().requires_grad_()
     args = (xs, w, inp["xt"], inp["wt"], inp["centre"], inp["pairs"], 0.1, 0.04)
     if way == "unfused":
         loss = reference_head_loss(*args, center_index=inp["index"])
     else:
-        loss = fused_head_loss(*args, center_index=inp["index"], engine=way.split("-")[1])
+        loss = fused_head_loss(*args, center_index=inp["index"], engine=way.split("-")[1],
+                               chunk_size=chunk)
     loss.backward()
     return float(loss.detach())
 
 
-def measure(way: str, inp: dict, repeat: int, device: str) -> dict:
+def measure(way: str, inp: dict, repeat: int, device: str, chunk: int | None = None) -> dict:
     cuda = device.startswith("cuda")
-    one_call(way, inp)                                   # warm-up (kernels, allocator)
+    one_call(way, inp, chunk)                            # warm-up (kernels, allocator)
     times = []
     if cuda:
         torch.cuda.synchronize()
@@ -100,10 +102,10 @@ def measure(way: str, inp: dict, repeat: int, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(repeat):
         t0 = time.perf_counter()
-        value = one_call(way, inp)                       # float(): waits for the device
+        value = one_call(way, inp, chunk)                # float(): waits for the device
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
-    return {"way": way, "s_per_call": statistics.median(times), "times": times,
+    return {"way": way, "chunk": chunk, "s_per_call": statistics.median(times), "times": times,
             "peak_gib": peak, "loss": value}
 
 
@@ -118,18 +120,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--ways", nargs="+", default=["unfused", "fused-torch", "fused-triton"],
                     choices=["unfused", "fused-torch", "fused-triton"])
+    ap.add_argument("--chunk-sizes", nargs="+", type=int, default=None,
+                    help="chunk sizes of the fused ways (default: the fused loss's default)")
     ap.add_argument("--out", type=Path, default=None, help="folder for fused_loss.{json,md}")
     args = ap.parse_args(argv)
     ways = [w for w in args.ways if w != "fused-triton" or
             (args.device.startswith("cuda") and triton_available(torch.device(args.device)))]
     inp = make_inputs(args.batch, args.locals_, args.out_dim, args.dim,
                       getattr(torch, args.dtype), args.device)
+    runs = [(w, c) for w in ways for c in ([None] if w == "unfused" else
+                                           args.chunk_sizes or [None])]
     results = []
-    for way in ways:
+    for way, chunk in runs:
         try:
-            results.append(measure(way, inp, args.repeat, args.device))
+            results.append(measure(way, inp, args.repeat, args.device, chunk))
         except torch.OutOfMemoryError as error:
-            results.append({"way": way, "error": f"out of memory: {str(error)[:120]}"})
+            results.append({"way": way, "chunk": chunk,
+                            "error": f"out of memory: {str(error)[:120]}"})
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         print(json.dumps(results[-1]), flush=True)
@@ -141,14 +148,16 @@ def main(argv: list[str] | None = None) -> dict:
              f"{args.locals_} local views ({inp['rows'][0]} student, {inp['rows'][1]} teacher "
              f"rows), out_dim {args.out_dim}, {args.dtype} features and weights; median of "
              f"{args.repeat} calls (forward + backward) after a warm-up.", "",
-             "| way | s / call | x unfused | peak memory (GiB) | loss |", "|---|---:|---:|---:|---:|"]
+             "| way | chunk | s / call | x unfused | peak memory (GiB) | loss |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in results:
+        chunk = "" if r["way"] == "unfused" else r["chunk"] or "default"
         if "error" in r:
-            lines.append(f"| {r['way']} | {r['error']} | | | |")
+            lines.append(f"| {r['way']} | {chunk} | {r['error']} | | | |")
             continue
         ratio = f"{r['s_per_call'] / base['s_per_call']:.2f}x" if base else ""
         mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
-        lines.append(f"| {r['way']} | {r['s_per_call']:.4f} | {ratio} | {mem} | "
+        lines.append(f"| {r['way']} | {chunk} | {r['s_per_call']:.4f} | {ratio} | {mem} | "
                      f"{r['loss']:.5f} |")
     print("\n".join(lines))
     payload = {"meta": {**{k: str(v) for k, v in vars(args).items()}, "device_name": device_name,

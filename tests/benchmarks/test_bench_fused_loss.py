@@ -35,10 +35,12 @@ def test_inputs_pair_each_student_token_with_a_teacher_token_of_its_image():
 def test_ways_agree_and_results_are_written(tmp_path):
     payload = bench.main(["--device", "cpu", "--batch", "1", "--locals", "1", "--out-dim", "64",
                           "--dim", "8", "--dtype", "float32", "--repeat", "1",
-                          "--ways", "unfused", "fused-torch", "--out", str(tmp_path)])
-    losses = {r["way"]: r["loss"] for r in payload["results"]}
-    assert set(losses) == {"unfused", "fused-torch"}
-    assert abs(losses["unfused"] - losses["fused-torch"]) <= 1e-5 * abs(losses["unfused"])
+                          "--ways", "unfused", "fused-torch", "--chunk-sizes", "7", "100",
+                          "--out", str(tmp_path)])
+    runs = [(r["way"], r["chunk"]) for r in payload["results"]]
+    assert runs == [("unfused", None), ("fused-torch", 7), ("fused-torch", 100)]
+    losses = [r["loss"] for r in payload["results"]]
+    assert all(abs(v - losses[0]) <= 1e-5 * abs(losses[0]) for v in losses)
     saved = json.loads((tmp_path / "fused_loss.json").read_text())
-    assert [r["way"] for r in saved["results"]] == ["unfused", "fused-torch"]
+    assert [(r["way"], r["chunk"]) for r in saved["results"]] == runs
     assert "| fused-torch |" in (tmp_path / "fused_loss.md").read_text()
