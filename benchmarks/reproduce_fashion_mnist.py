@@ -512,6 +512,37 @@ def rst_table(summary: dict, baselines: dict | None = None, cols: list | None = 
     return "\n".join(lines) + "\n"
 
 
+#: paired differences to DINO that the budget table compares between two grids
+BUDGET_METRICS = [("Δ k-NN k=20", "knn20_vs_dino"), ("Δ linear", "linear_vs_dino")]
+
+
+def _epochs(recipe: list[str]) -> str:
+    return recipe[recipe.index("--epochs") + 1] if "--epochs" in recipe else "?"
+
+
+def budget_table(short: dict, long: dict) -> str | None:
+    """Markdown table of each arm's paired differences to DINO in two grids (``short`` and
+    ``long``: ``{"recipe": ..., "summary": ...}``, as the grids' JSON holds them), side by
+    side: how a claim moves with the budget. None when no arm is in both."""
+    arms = [a for a in long["summary"] if a in short["summary"] and
+            long["summary"][a].get("knn20_vs_dino") is not None and
+            short["summary"][a].get("knn20_vs_dino") is not None]
+    if not arms:
+        return None
+    e_short, e_long = _epochs(short["recipe"]), _epochs(long["recipe"])
+    head = ["arm"] + [f"{name}, {e} epochs (seeds)" for name, _ in BUDGET_METRICS
+                      for e in (e_short, e_long)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for arm in arms:
+        cells = [arm]
+        for _, key in BUDGET_METRICS:
+            for grid in (short, long):
+                row = grid["summary"][arm]
+                cells.append(f"{_fmt(row[key], signed=True)} ({row['n_seeds']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -614,6 +645,16 @@ def report(out: Path, results_dir: Path, arms: list[str], seeds: list[int], reci
           f"Measured for {n_corr} of the {len(results)} runs (runs finished before the "
           "evaluation existed show —; their checkpoints were not kept).", "",
           markdown_table(summary, baselines, CORR_COLS)]
+    short_json = results_dir / "reproduction.json"
+    if name != "reproduction" and summary and short_json.is_file():
+        short = json.loads(short_json.read_text())
+        table = budget_table({"recipe": short["meta"]["recipe"], "summary": short["summary"]},
+                             {"recipe": recipe, "summary": summary})
+        if table:
+            md += ["", "## Budget", "",
+                   f"Paired differences to DINO (same seed) after {_epochs(short['meta']['recipe'])}"
+                   f" epochs (`reproduction.md`) and after {_epochs(recipe)} epochs (this grid), "
+                   "mean ± std over seeds, the number of seeds in brackets.", "", table]
     (results_dir / f"{name}.md").write_text("\n".join(md))
     (results_dir / f"{name}_table.rst").write_text(rst_table(summary, baselines))
     if summary:

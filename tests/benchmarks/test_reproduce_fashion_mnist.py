@@ -190,3 +190,20 @@ def test_tiny_long_grid_trains_evaluates_and_reports(tmp_path):
     assert (results / "reproduction_long_curves.png").stat().st_size > 0
     md = (results / "reproduction_long.md").read_text()
     assert "| mean | 1 |" in md and "| *raw pixels* |" in md and "| *chance* |" in md
+
+
+def test_budget_table_sets_each_arms_differences_of_two_grids_side_by_side():
+    nan = float("nan")
+    short = {"recipe": ["--epochs", "3"], "summary": {
+        "dino": {"n_seeds": 3, "knn20_vs_dino": None, "linear_vs_dino": None},
+        "mean": {"n_seeds": 3, "knn20_vs_dino": (3.77, 1.12), "linear_vs_dino": (-2.5, 2.0)},
+        "sum": {"n_seeds": 3, "knn20_vs_dino": (1.0, 0.5), "linear_vs_dino": (0.0, 1.0)}}}
+    long = {"recipe": ["--epochs", "15", "--batch-size", "32"], "summary": {
+        "dino": {"n_seeds": 1, "knn20_vs_dino": None, "linear_vs_dino": None},
+        "mean": {"n_seeds": 1, "knn20_vs_dino": (2.9, nan), "linear_vs_dino": (1.5, nan)}}}
+    table = rep.budget_table(short, long).splitlines()
+    assert table[0] == ("| arm | Δ k-NN k=20, 3 epochs (seeds) | Δ k-NN k=20, 15 epochs (seeds) "
+                        "| Δ linear, 3 epochs (seeds) | Δ linear, 15 epochs (seeds) |")
+    # only arms of both grids, DINO (no difference to itself) left out
+    assert table[2:] == ["| mean | +3.77 ± 1.12 (3) | +2.90 (1) | -2.50 ± 2.00 (3) | +1.50 (1) |"]
+    assert rep.budget_table(short, {"recipe": [], "summary": {}}) is None
