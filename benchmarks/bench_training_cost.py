@@ -355,6 +355,34 @@ def matched_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def fused_table(results: list[dict]) -> list[str]:
+    """Each ``-fused`` configuration against its unfused one and against the floor the head
+    sets: the step's ratio to DINO if every phase but the head cost what it costs in DINO."""
+    lines = ["The fused loss against the unfused one (same run). \"Head-only floor\": the step "
+             "over DINO's if every phase but the head (the head's matrix products, the fused "
+             "loss's last-layer products included) took DINO's time, i.e. what a loss, matching "
+             "and optimizer that cost nothing beyond DINO's would give:", "",
+             "| config | out_dim | loss (s): unfused -> fused | fused / unfused | "
+             "x DINO: unfused -> fused | head-only floor | peak RSS over DINO (MB): unfused -> "
+             "fused |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if not r["config"].endswith("-fused"):
+            continue
+        by = {x["config"]: x for x in results if x["out_dim"] == r["out_dim"]}
+        d, u = by.get("dino"), by.get(r["config"].removesuffix("-fused"))
+        if d is None or u is None:
+            continue
+        step = d["s_per_step"]
+        floor = (step - d["phases_s"]["head"] + r["phases_s"]["head"]) / step
+        lines.append(
+            f"| {r['config']} | {r['out_dim']} | {u['phases_s']['loss']:.3f} -> "
+            f"{r['phases_s']['loss']:.3f} | {r['phases_s']['loss'] / u['phases_s']['loss']:.2f}x | "
+            f"{u['s_per_step'] / step:.2f}x -> {r['s_per_step'] / step:.2f}x | {floor:.2f}x | "
+            f"{u['peak_rss_mb'] - d['peak_rss_mb']:+.0f} -> {r['peak_rss_mb'] - d['peak_rss_mb']:+.0f} |")
+    return lines
+
+
 def plot(results: list[dict], path: Path) -> None:
     """Stacked bars: seconds per step by phase, one bar per configuration."""
     import matplotlib
@@ -401,11 +429,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--_child", nargs=2, metavar=("CONFIG", "OUT_DIM"), help=argparse.SUPPRESS)
     ap.add_argument("--replot", action="store_true",
                     help="only redraw training_cost.png from the JSON in --out")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rewrite training_cost.md and .png from the JSON in --out")
     a = ap.parse_args(argv)
 
-    if a.replot:
-        plot(json.loads((a.out / "training_cost.json").read_text())["results"],
-             a.out / "training_cost.png")
+    if a.replot or a.report_only:
+        run = json.loads((a.out / "training_cost.json").read_text())
+        if a.report_only:
+            write_report(run["meta"], run["results"], run["vs_dino"], a.out)
+        else:
+            plot(run["results"], a.out / "training_cost.png")
         return
 
     if a._child:
@@ -483,11 +516,18 @@ def main(argv: list[str] | None = None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "training_cost.json").write_text(
         json.dumps({"meta": meta, "results": results, "vs_dino": diffs}, indent=2) + "\n")
+    print(write_report(meta, results, diffs, a.out))
 
+
+def write_report(meta: dict, results: list[dict], diffs: list[dict], out: Path) -> str:
+    """Write ``training_cost.md`` and ``.png`` into ``out`` from a run's JSON parts; returns
+    the markdown."""
+    threads = meta["threads"]
+    load_start, load_end = meta["load_average_start"], meta["load_average_end"]
     md = [
         "# Training cost of PW-Self over DINO",
         "",
-        f"{meta['setting']}; torch {meta['torch']}, {a.threads} threads on a {meta['cpu_count']}-"
+        f"{meta['setting']}; torch {meta['torch']}, {threads} threads on a {meta['cpu_count']}-"
         f"core {meta['cpu']} machine shared with other jobs: load average (1, 5, 15 min) "
         f"{[round(x, 2) for x in load_start]} at start, {[round(x, 2) for x in load_end]} at end. "
         f"Each configuration runs in a fresh process: 1 warm-up step, then the timed steps "
@@ -539,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     md += ["", "The head column is the cost of applying the DINO head to every token (PW-Self) "
            "instead of the CLS token only (DINO).", ""]
     md += matched_table(results)
+    md += ["", *fused_table(results)]
     md += ["",
            "Where the loss's time goes (torch.profiler, self CPU time of the top operators as a "
            "share of the loss's forward + backward):", ""]
@@ -546,9 +587,9 @@ def main(argv: list[str] | None = None) -> None:
         if r["config"] != "dino":
             ops = ", ".join(f"{k} {v:.0f}%" for k, v in r["loss_top_ops_pct_of_loss"][:6])
             md.append(f"- {r['config']}, out_dim {r['out_dim']}: {ops}")
-    (a.out / "training_cost.md").write_text("\n".join(md) + "\n")
-    plot(results, a.out / "training_cost.png")
-    print("\n".join(md))
+    (out / "training_cost.md").write_text("\n".join(md) + "\n")
+    plot(results, out / "training_cost.png")
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
