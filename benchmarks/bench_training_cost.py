@@ -43,6 +43,7 @@ timed steps); its peak memory is the process's resident-set high-water mark
 Usage::
 
     python benchmarks/bench_training_cost.py     # writes benchmarks/results/training_cost.{json,md,png}
+    python benchmarks/bench_training_cost.py --report-only   # rewrites .md and .png from the JSON
 """
 
 from __future__ import annotations
