@@ -513,7 +513,10 @@ def rst_table(summary: dict, baselines: dict | None = None, cols: list | None = 
 
 
 #: paired differences to DINO that the budget table compares between two grids
-BUDGET_METRICS = [("Δ k-NN k=20", "knn20_vs_dino"), ("Δ linear", "linear_vs_dino")]
+BUDGET_METRICS = [("Δ k-NN k=20", "knn20_vs_dino"), ("Δ linear", "linear_vs_dino"),
+                  ("Δ corr. non-flipped", "corr_non_flipped_vs_dino"),
+                  ("Δ corr. flipped", "corr_flipped_vs_dino"),
+                  ("Δ corr. global-local", "corr_global_local_vs_dino")]
 
 
 def _epochs(recipe: list[str]) -> str:
@@ -538,7 +541,9 @@ def budget_table(short: dict, long: dict) -> str | None:
         for _, key in BUDGET_METRICS:
             for grid in (short, long):
                 row = grid["summary"][arm]
-                cells.append(f"{_fmt(row[key], signed=True)} ({row['n_seeds']})")
+                # a grid run before the correspondence evaluation existed has no such figure
+                ms = row.get(key)
+                cells.append("—" if ms is None else f"{_fmt(ms, signed=True)} ({row['n_seeds']})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -654,7 +659,8 @@ def report(out: Path, results_dir: Path, arms: list[str], seeds: list[int], reci
             md += ["", "## Budget", "",
                    f"Paired differences to DINO (same seed) after {_epochs(short['meta']['recipe'])}"
                    f" epochs (`reproduction.md`) and after {_epochs(recipe)} epochs (this grid), "
-                   "mean ± std over seeds, the number of seeds in brackets.", "", table]
+                   "mean ± std over seeds, the number of seeds in brackets; corr.: recall@1 of "
+                   "the patch-token correspondence (percentage points).", "", table]
     (results_dir / f"{name}.md").write_text("\n".join(md))
     (results_dir / f"{name}_table.rst").write_text(rst_table(summary, baselines))
     if summary:

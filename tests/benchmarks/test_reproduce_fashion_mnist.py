@@ -200,10 +200,19 @@ def test_budget_table_sets_each_arms_differences_of_two_grids_side_by_side():
         "sum": {"n_seeds": 3, "knn20_vs_dino": (1.0, 0.5), "linear_vs_dino": (0.0, 1.0)}}}
     long = {"recipe": ["--epochs", "15", "--batch-size", "32"], "summary": {
         "dino": {"n_seeds": 1, "knn20_vs_dino": None, "linear_vs_dino": None},
-        "mean": {"n_seeds": 1, "knn20_vs_dino": (2.9, nan), "linear_vs_dino": (1.5, nan)}}}
+        "mean": {"n_seeds": 1, "knn20_vs_dino": (2.9, nan), "linear_vs_dino": (1.5, nan),
+                 "corr_non_flipped_vs_dino": (2.4, nan), "corr_flipped_vs_dino": (-0.5, nan),
+                 "corr_global_local_vs_dino": (1.25, nan)}}}
     table = rep.budget_table(short, long).splitlines()
     assert table[0] == ("| arm | Δ k-NN k=20, 3 epochs (seeds) | Δ k-NN k=20, 15 epochs (seeds) "
-                        "| Δ linear, 3 epochs (seeds) | Δ linear, 15 epochs (seeds) |")
-    # only arms of both grids, DINO (no difference to itself) left out
-    assert table[2:] == ["| mean | +3.77 ± 1.12 (3) | +2.90 (1) | -2.50 ± 2.00 (3) | +1.50 (1) |"]
+                        "| Δ linear, 3 epochs (seeds) | Δ linear, 15 epochs (seeds) "
+                        "| Δ corr. non-flipped, 3 epochs (seeds) "
+                        "| Δ corr. non-flipped, 15 epochs (seeds) "
+                        "| Δ corr. flipped, 3 epochs (seeds) | Δ corr. flipped, 15 epochs (seeds) "
+                        "| Δ corr. global-local, 3 epochs (seeds) "
+                        "| Δ corr. global-local, 15 epochs (seeds) |")
+    # only arms of both grids, DINO (no difference to itself) left out; a figure the short grid
+    # did not measure shows "—"
+    assert table[2:] == ["| mean | +3.77 ± 1.12 (3) | +2.90 (1) | -2.50 ± 2.00 (3) | +1.50 (1) "
+                         "| — | +2.40 (1) | — | -0.50 (1) | — | +1.25 (1) |"]
     assert rep.budget_table(short, {"recipe": [], "summary": {}}) is None
