@@ -86,7 +86,13 @@ def test_match_view_pairs_on_device_one_compile(device):
     g = torch.Generator().manual_seed(5)
     grids = [(14, 14)] * 2 + [(6, 6)] * 8
     pairs = [(i, j) for i in range(2) for j in range(10) if j != i]
-    compiled = None
+
+    def n_compiled() -> int:
+        caches = _match_kernel.device_caches.get(torch.cuda.current_device())
+        return len(caches[0]) if caches else 0
+
+    # other tests in the session may have compiled other specialisations already
+    before = n_compiled() if device.type == "cuda" else 0
     for step in range(3):
         boxes = torch.stack([_random_boxes(g, 64, (30.0, 256.0), True, torch.float32)
                              for _ in range(10)])
@@ -97,6 +103,4 @@ def test_match_view_pairs_on_device_one_compile(device):
             for name in ("idx_a", "idx_b", "valid"):
                 assert torch.equal(getattr(cpu[key], name), getattr(dev[key], name).cpu()), key
         if device.type == "cuda":  # the interpreter (PATCHAUG_TEST_DEVICE=cpu) compiles nothing
-            n_compiled = len(_match_kernel.device_caches[torch.cuda.current_device()][0])
-            compiled = n_compiled if compiled is None else compiled
-            assert n_compiled == compiled == 1, f"recompiled at step {step}"
+            assert n_compiled() - before <= 1, f"recompiled at step {step}"

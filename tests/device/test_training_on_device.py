@@ -41,9 +41,9 @@ def test_short_run_per_precision(device, tmp_path, precision, loss):
 def test_resume_on_device_continues_where_it_stopped(device, tmp_path):
     extra = ["--epochs", "2", "--loss", "mean", "--device", str(device), "--precision", "bf16"]
     out = tmp_path / "killed"
-    with pytest.raises(SystemExit):
-        train_mod.main(TINY + ["--output-dir", str(out), *extra, "--save-every-steps", "1",
-                               "--stop-after-steps", "6"])
+    stopped = train_mod.main(TINY + ["--output-dir", str(out), *extra, "--save-every-steps", "1",
+                                     "--stop-after-steps", "6"])
+    assert stopped["stopped"] and stopped["steps"] == 6 and not (out / "final.pth").exists()
     assert load_checkpoint(out / "checkpoint.pth")["step"] == 6
     train_mod.main(TINY + ["--output-dir", str(out), *extra, "--resume"])
     assert [r["step"] for r in _steps(out)] == list(range(1, 9))
