@@ -171,6 +171,25 @@ class _Chunk:
     block_weights: torch.Tensor | None = None
 
 
+def _pack_groups(bounds: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
+    """Greedy packing of consecutive groups into chunks of at most ``chunk_rows`` rows.
+
+    ``bounds`` are the groups' start offsets followed by the total (sorted, from 0). A chunk
+    takes whole groups while they fit; a group larger than a chunk is cut into pieces of
+    ``chunk_rows`` rows, and its remainder starts the next chunk. Returns ``(start, end)``
+    row ranges; one search per chunk rather than a Python step per group (a step of a
+    batch of 64 images can have thousands of groups).
+    """
+    total, out, pos = int(bounds[-1]), [], 0
+    while pos < total:
+        end = int(bounds[np.searchsorted(bounds, pos + chunk_rows, side="right") - 1])
+        if end <= pos:                  # the group at ``pos`` is larger than a chunk: cut it
+            end = pos + chunk_rows
+        out.append((pos, end))
+        pos = end
+    return out
+
+
 def _plan(pairs: LossSlots, n_student: int, n_teacher: int, chunk_rows: int,
           device: torch.device, block: int | None = None) -> list[_Chunk]:
     """Chunks of the student rows with a pair: whole connected groups of rows (images)
@@ -196,25 +215,12 @@ def _plan(pairs: LossSlots, n_student: int, n_teacher: int, chunk_rows: int,
         if np.array_equal(new_s, lab_s):
             break
         lab_s = new_s
-    rows = np.unique(s)
+    rows = np.flatnonzero(np.bincount(s, minlength=n_student))    # student rows with a pair
     first_t = np.full(n_student, n_teacher)
     np.minimum.at(first_t, s, t)
     rows = rows[np.lexsort((rows, first_t[rows], lab_s[rows]))]   # by group, then teacher row
-    groups = np.split(rows, np.flatnonzero(np.diff(lab_s[rows])) + 1)
-    chunks_rows: list[np.ndarray] = []
-    current: list[np.ndarray] = []
-    size = 0
-    for g in groups:
-        if size + g.size > chunk_rows and current:
-            chunks_rows.append(np.concatenate(current))
-            current, size = [], 0
-        while g.size > chunk_rows:                      # a group larger than a chunk is cut
-            chunks_rows.append(g[:chunk_rows])
-            g = g[chunk_rows:]
-        current.append(g)
-        size += g.size
-    if current:
-        chunks_rows.append(np.concatenate(current))
+    group_bounds = np.concatenate([[0], np.flatnonzero(np.diff(lab_s[rows])) + 1, [rows.size]])
+    chunks_rows = [rows[a:b] for a, b in _pack_groups(group_bounds, chunk_rows)]
     chunk_of = np.full(n_student, -1)
     local_of = np.zeros(n_student, dtype=np.int64)
     for c, r in enumerate(chunks_rows):

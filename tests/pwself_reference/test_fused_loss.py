@@ -357,3 +357,36 @@ def test_whole_chunk_route_equals_reference(chunk):
     assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads(fused, [xs, v]), grads(ref, [xs, v])):
         close(a, b, 1e-5)
+
+
+def _pack_groups_one_by_one(sizes: list[int], chunk_rows: int) -> list[tuple[int, int]]:
+    """The packing rule, a group at a time: the specification of ``_pack_groups``."""
+    out, start, size, pos = [], 0, 0, 0
+    for g in sizes:
+        if size + g > chunk_rows and size:
+            out.append((start, start + size))
+            start, size = pos, 0
+        while g > chunk_rows:                   # a group larger than a chunk is cut
+            out.append((pos, pos + chunk_rows))
+            pos, g, start = pos + chunk_rows, g - chunk_rows, pos + chunk_rows
+        size += g
+        pos += g
+    if size:
+        out.append((start, start + size))
+    return out
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64])
+def test_pack_groups_follows_the_rule_a_group_at_a_time(chunk_rows):
+    import numpy as np
+
+    from pwself_reference.fused_loss import _pack_groups
+
+    gen = torch.Generator().manual_seed(chunk_rows)
+    for _ in range(50):
+        sizes = (torch.randint(1, 3 * chunk_rows + 2, (int(torch.randint(0, 30, (1,),
+                 generator=gen)),), generator=gen)).tolist()
+        bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        packed = _pack_groups(bounds, chunk_rows)
+        assert packed == _pack_groups_one_by_one(sizes, chunk_rows), sizes
+        assert all(0 < b - a <= chunk_rows for a, b in packed)
