@@ -188,6 +188,16 @@ def measure_with_fallback(arch: str, config: str, batch: int, min_batch: int,
             "images_per_s": None, "error": f"out of memory down to batch {failed[-1]}"}
 
 
+def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median images/s of one configuration (the lower middle one for an
+    even count), with every round's images/s beside it; a failed round wins over none."""
+    ok = sorted((r for r in runs if r.get("images_per_s")), key=lambda r: r["images_per_s"])
+    if not ok:
+        return runs[0]
+    return {**ok[(len(ok) - 1) // 2],
+            "images_per_s_rounds": [r.get("images_per_s") for r in runs]}
+
+
 def environment(device: str) -> dict[str, Any]:
     import torch
 
@@ -222,7 +232,11 @@ def write_results(payload: dict[str, Any], out: Path) -> list[Path]:
         + f"; {meta['precision']} autocast; {meta['warmup']} warm-up + {meta['steps']} timed "
         f"steps of `pwself_reference.train.train_one_epoch` per row (source images "
         f"{meta['image_size']} px uint8 on the device, on-device batched crops; no data "
-        f"loading).{' SMOKE RUN (tiny model), not a measurement.' if meta['smoke'] else ''}",
+        f"loading)."
+        + (f" Each row is the median of {meta['rounds']} rounds that interleave the "
+           "configurations; images/s of the slowest and fastest round in brackets."
+           if meta.get("rounds", 1) > 1 else "")
+        + (" SMOKE RUN (tiny model), not a measurement." if meta["smoke"] else ""),
         "",
         "| arch | config | crops | out_dim | batch | images/s | s/step | x DINO time/image | "
         "peak memory (GiB) |",
@@ -236,8 +250,12 @@ def write_results(payload: dict[str, Any], out: Path) -> list[Path]:
         d = dino.get(r["arch"])
         ratio = f"{d['images_per_s'] / r['images_per_s']:.2f}x" if d else ""
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
+        ips = f"{r['images_per_s']:.1f}"
+        spread = [x for x in r.get("images_per_s_rounds", []) if x]
+        if len(spread) > 1:
+            ips += f" ({min(spread):.1f}-{max(spread):.1f})"
         lines.append(f"| {r['arch']}/{r['patch_size']} | {r['config']} | {r['crops']} | "
-                     f"{r['out_dim']} | {r['batch']} | {r['images_per_s']:.1f} | "
+                     f"{r['out_dim']} | {r['batch']} | {ips} | "
                      f"{r['s_per_step']:.3f} | {ratio} | {mem} |")
     md = out / "gpu_throughput.md"
     md.write_text("\n".join(lines) + "\n")
@@ -292,6 +310,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--local-crops-number", type=int, default=None,
                     help="local 96 px crops per image (default: the preset's, 8; DINO also "
                          "used 10)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every configuration this many times, interleaved, and "
+                         "report the median round (step times move by up to 17%% between "
+                         "runs on a shared GPU machine)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--device", default="cuda", help="cuda or cuda:N (cpu only with --smoke)")
     ap.add_argument("--smoke", action="store_true",
@@ -311,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.device == "cpu" and not a.smoke:
         _refuse("--device cpu is only allowed with --smoke (CPU step times are measured by "
                 "benchmarks/bench_training_cost.py)")
-    for flag in ("batch_size", "steps", "warmup", "image_size", "min_batch"):
+    for flag in ("batch_size", "steps", "warmup", "image_size", "min_batch", "rounds"):
         v = getattr(a, flag)
         if v is not None and v <= 0 and not (flag == "warmup" and v == 0):
             _refuse(f"--{flag.replace('_', '-')} must be > 0, got {v}")
@@ -325,21 +347,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     meta = {**environment(a.device), "precision": a.precision, "steps": steps,
             "warmup": warmup, "image_size": image_size, "smoke": a.smoke,
-            "requested_batch": batch, "local_crops_number": a.local_crops_number, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "requested_batch": batch, "local_crops_number": a.local_crops_number,
+            "rounds": a.rounds, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "command": "python benchmarks/bench_gpu_throughput.py " + " ".join(
                 argv if argv is not None else sys.argv[1:])}
     results = []
     for arch in a.archs:
-        for config in a.configs:
-            r = measure_with_fallback(arch, config, batch, min(a.min_batch, batch), steps=steps,
-                                      warmup=warmup, image_size=image_size, device=a.device,
-                                      precision=a.precision, smoke=a.smoke,
-                                      local_crops=a.local_crops_number)
-            results.append(r)
-            ips = r["images_per_s"]
-            print(f"{arch:9s} {config:22s} batch {r['batch']}: "
-                  + (f"{ips:.1f} images/s, {r['s_per_step']:.3f} s/step" if ips else r["error"]),
-                  flush=True)
+        # rounds interleave the configurations, so a slow spell of the machine hits them all
+        rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in a.configs}
+        for _ in range(a.rounds):
+            for config in a.configs:
+                r = measure_with_fallback(arch, config, batch, min(a.min_batch, batch),
+                                          steps=steps, warmup=warmup, image_size=image_size,
+                                          device=a.device, precision=a.precision,
+                                          smoke=a.smoke, local_crops=a.local_crops_number)
+                rounds[config].append(r)
+                ips = r["images_per_s"]
+                print(f"{arch:9s} {config:22s} batch {r['batch']}: "
+                      + (f"{ips:.1f} images/s, {r['s_per_step']:.3f} s/step" if ips
+                         else r["error"]), flush=True)
+        results += [median_round(rounds[c]) for c in a.configs]
     payload = {"meta": meta, "results": results}
     if out is not None:
         for p in write_results(payload, out):

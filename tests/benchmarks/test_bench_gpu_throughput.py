@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,30 @@ def test_rejects_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
         bench.main(["--smoke", "--device", "cpu", "--batch-size", "0"])
     assert exc.value.code == 2
     assert "--batch-size must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--smoke", "--device", "cpu", "--rounds", "0"])
+    assert exc.value.code == 2
+    assert "--rounds must be > 0" in capsys.readouterr().err
+
+
+def test_median_round_keeps_the_middle_run_and_every_rate() -> None:
+    runs = [{"config": "dino", "images_per_s": v} for v in (210.0, 190.0, 250.0)]
+    med = bench.median_round(runs)
+    assert med["images_per_s"] == 210.0 and med["images_per_s_rounds"] == [210.0, 190.0, 250.0]
+    # the lower middle of an even count; failed rounds do not count
+    failed = {"config": "dino", "images_per_s": None, "error": "out of memory"}
+    assert bench.median_round(runs[:2] + [failed])["images_per_s"] == 190.0
+    assert bench.median_round([failed]) is failed
+
+
+def test_rounds_interleave_and_report_the_spread(tmp_path: Path) -> None:
+    payload = bench.main(["--smoke", "--device", "cpu", "--archs", "vit_small", "--configs",
+                          "dino", "pwself-mean", "--rounds", "3", "--out", str(tmp_path)])
+    assert payload["meta"]["rounds"] == 3
+    assert [r["config"] for r in payload["results"]] == ["dino", "pwself-mean"]
+    for r in payload["results"]:
+        rates = r["images_per_s_rounds"]
+        assert len(rates) == 3 and sorted(rates)[1] == r["images_per_s"]
+    md = (tmp_path / "gpu_throughput.md").read_text()
+    assert "median of 3 rounds" in md
+    assert len(re.findall(r"\| \d+\.\d \(\d+\.\d-\d+\.\d\) \|", md)) == 2
