@@ -647,8 +647,9 @@ def report(out: Path, results_dir: Path, arms: list[str], seeds: list[int], reci
           "two global views and one local view each, seed 0, `rule='centre'`, foreground "
           f"query tokens: patch std > {CORR_FOREGROUND_STD}). Position-only: the network's "
           "position embeddings as tokens; chance: 1 / tokens of the searched view. "
-          f"Measured for {n_corr} of the {len(results)} runs (runs finished before the "
-          "evaluation existed show —; their checkpoints were not kept).", "",
+          f"Measured for {n_corr} of the {len(results)} runs"
+          + (" (runs finished before the evaluation existed show —; their checkpoints were "
+             "not kept)." if n_corr < len(results) else "."), "",
           markdown_table(summary, baselines, CORR_COLS)]
     short_json = results_dir / "reproduction.json"
     if name != "reproduction" and summary and short_json.is_file():
