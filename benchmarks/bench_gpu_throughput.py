@@ -190,7 +190,8 @@ def measure_with_fallback(arch: str, config: str, batch: int, min_batch: int,
 
 def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The round with the median images/s of one configuration (the lower middle one for an
-    even count), with every round's images/s beside it; a failed round wins over none."""
+    even count), with every round's images/s beside it; the first round if every one failed
+    (out of memory)."""
     ok = sorted((r for r in runs if r.get("images_per_s")), key=lambda r: r["images_per_s"])
     if not ok:
         return runs[0]
